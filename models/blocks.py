@@ -1,0 +1,107 @@
+"""Transformer building blocks: attention layers, feed-forward, and one residual block.
+
+Submodules (norms, the position scheme) are passed in by `models/build.py`, so a block never
+branches on config strings beyond the few structural choices it owns (pre/post placement).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.attention import attention
+from models.position import Position
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (optionally grouped-query) self- or cross-attention.
+
+    Self-attention uses one fused QKV projection (one GEMM instead of three); cross-attention
+    projects queries from `x` and a fused KV from the encoder memory.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, kernel: str,
+                 block_size: int, attn_dropout: float, cross: bool = False):
+        super().__init__()
+        self.h, self.hkv, self.dh = num_heads, num_kv_heads, d_model // num_heads
+        self.kernel, self.block_size, self.attn_dropout, self.cross = kernel, block_size, attn_dropout, cross
+        if cross:
+            self.q = nn.Linear(d_model, self.h * self.dh, bias=False)
+            self.kv = nn.Linear(d_model, 2 * self.hkv * self.dh, bias=False)
+        else:
+            self.qkv = nn.Linear(d_model, (self.h + 2 * self.hkv) * self.dh, bias=False)
+        self.out = nn.Linear(self.h * self.dh, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, position: Position, *, causal: bool,
+                key_padding_mask: torch.Tensor | None = None, rel_bias: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if memory is None:
+            qkv = self.qkv(x).view(B, T, self.h + 2 * self.hkv, self.dh).transpose(1, 2)  # (B, H+2Hkv, T, Dh)
+            q, k, v = qkv.split([self.h, self.hkv, self.hkv], dim=1)
+            q, k = position.rotate(q, k)
+        else:
+            S = memory.shape[1]
+            q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+            kv = self.kv(memory).view(B, S, 2 * self.hkv, self.dh).transpose(1, 2)  # (B, 2Hkv, S, Dh)
+            k, v = kv.split([self.hkv, self.hkv], dim=1)
+        y = attention(q, k, v, kernel=self.kernel, causal=causal, rel_bias=rel_bias,
+                      key_padding_mask=key_padding_mask,
+                      dropout_p=self.attn_dropout if self.training else 0.0, block_size=self.block_size)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.h * self.dh))  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: GELU/ReLU, or SwiGLU (one fused up-projection for gate and value)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str):
+        super().__init__()
+        self.activation = activation
+        self.up = nn.Linear(d_model, (2 if activation == "swiglu" else 1) * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.activation == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.activation == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """One residual block: self-attention, optional cross-attention, feed-forward.
+
+    `placement="pre"` normalizes each sublayer's input (x + f(norm(x))); `"post"` normalizes
+    the residual sum (norm(x + f(x))), as in the original Transformer.
+    """
+
+    def __init__(self, self_attn: MultiHeadAttention, ffn: FeedForward, make_norm: Callable[[], nn.Module],
+                 placement: str, dropout: float, cross_attn: MultiHeadAttention | None = None):
+        super().__init__()
+        self.self_attn, self.cross_attn, self.ffn = self_attn, cross_attn, ffn
+        self.norm_attn, self.norm_ffn = make_norm(), make_norm()
+        self.norm_cross = make_norm() if cross_attn is not None else None
+        self.pre = placement == "pre"
+        self.drop = nn.Dropout(dropout)
+
+    def _sublayer(self, x: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor], norm: nn.Module,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre:
+            return x + self.drop(f(norm(x, mask)))
+        return norm(x + self.drop(f(x)), mask)
+
+    def forward(self, x: torch.Tensor, position: Position, *, causal: bool, mask: torch.Tensor | None = None,
+                rel_bias: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._sublayer(x, lambda h: self.self_attn(h, position, causal=causal, key_padding_mask=mask,
+                                                       rel_bias=rel_bias), self.norm_attn, mask)
+        if self.cross_attn is not None:
+            x = self._sublayer(x, lambda h: self.cross_attn(h, position, causal=False, key_padding_mask=memory_mask,
+                                                            memory=memory), self.norm_cross, mask)
+        return self._sublayer(x, self.ffn, self.norm_ffn, mask)

@@ -1,0 +1,91 @@
+"""Encoder, Decoder and EncoderDecoder models: embeddings, a stack of blocks, a tied LM head."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.blocks import Block
+from models.position import Position
+
+
+class Stack(nn.Module):
+    """A sequence of blocks sharing one position scheme, with a final norm under pre-norm."""
+
+    def __init__(self, blocks: list[Block], position: Position, final_norm: nn.Module | None,
+                 causal: bool, dropout: float):
+        super().__init__()
+        self.blocks, self.position, self.final_norm = nn.ModuleList(blocks), position, final_norm
+        self.causal = causal
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        T = x.shape[1]
+        x = self.drop(self.position.embed(x))
+        rel_bias = self.position.rel_bias(T, T)  # (H, 2T-1) or None: shared by every layer
+        for block in self.blocks:
+            x = block(x, self.position, causal=self.causal, mask=mask, rel_bias=rel_bias,
+                      memory=memory, memory_mask=memory_mask)
+        return self.final_norm(x, mask) if self.final_norm is not None else x
+
+
+class Transformer(nn.Module):
+    """Token embedding + stack(s) + LM head tied to the embedding."""
+
+    def __init__(self, arch: str, vocab_size: int, d_model: int, encoder: Stack | None,
+                 decoder: Stack | None, tie_embeddings: bool = True):
+        super().__init__()
+        self.arch, self.vocab_size, self.d_model = arch, vocab_size, d_model
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.encoder, self.decoder = encoder, decoder
+        self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) hidden states -> (..., vocab) logits."""
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(hidden, weight)
+
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional encoder states (B, S, D); `mask` (B, S) is True at real tokens."""
+        assert self.encoder is not None, f"model={self.arch} has no encoder"
+        return self.encoder(self.embed(tokens), mask)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                target: torch.Tensor | None = None, target_mask: torch.Tensor | None = None,
+                select: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
+        """Logits (or hidden states with `head=False`) of the last stack.
+
+        encoder/decoder: `tokens` (B, T) -> (B, T, V). encoder_decoder: `tokens` is the source,
+        `target` the decoder input (B, U) -> (B, U, V), cross-attending to the encoded source.
+        `select` (bool, same shape as the output's first two dims) keeps only those rows -> (N, V),
+        so a masked LM projects just the positions it predicts. The head runs inside forward so
+        DDP/FSDP hooks see every parameter use.
+        """
+        if self.arch == "encoder":
+            hidden = self.encode(tokens, mask)
+        elif self.arch == "decoder":
+            hidden = self.decoder(self.embed(tokens), mask)
+        else:
+            assert target is not None, "model=encoder_decoder needs a target sequence"
+            memory = self.encode(tokens, mask)
+            hidden = self.decoder(self.embed(target), target_mask, memory=memory, memory_mask=mask)
+        if select is not None:
+            hidden = hidden[select]  # (N, D)
+        return self.logits(hidden) if head else hidden
+
+
+def init_weights(model: Transformer, num_layers: int) -> None:
+    """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers).
+
+    Only linear layers and the token embedding: norms and position modules keep their own init.
+    """
+    nn.init.normal_(model.embed.weight, std=0.02)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            residual_out = name.endswith((".out", ".down"))
+            nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * num_layers) if residual_out else 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)

@@ -1,0 +1,1 @@
+"""A configuration-driven training CLI for transformer models."""

@@ -1,0 +1,273 @@
+"""Typed config schemas, their ConfigStore registration, and cross-field checks.
+
+Hydra merges `conf/` YAML into these dataclasses, so an unknown key or a wrong type is
+rejected before any work starts; `validate()` then checks what types cannot express.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+ARCHS = ("encoder", "decoder", "encoder_decoder")
+ATTENTIONS = ("standard", "flash", "tiled")
+POSITIONS = ("sinusoidal", "learned", "relative", "rope", "alibi", "none")
+NORMS = ("layernorm", "rmsnorm", "batchnorm")
+PLACEMENTS = ("pre", "post")
+PRECISIONS = ("fp32", "fp16", "bf16")
+PARALLELS = ("single", "ddp", "fsdp")
+QUANTIZE = ("none", "dynamic_int8", "weight_int8", "weight_int4", "qat_int8")
+OBJECTIVES = ("auto", "clm", "mlm", "span", "contrastive")
+SOURCES = ("stdlib", "text", "hub")
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "constant")
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+# objective=auto picks the objective each architecture is trained with by default.
+AUTO_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span"}
+OBJECTIVE_ARCHS = {"clm": ("decoder",), "mlm": ("encoder",), "span": ("encoder_decoder",),
+                   "contrastive": ("encoder",)}
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message is one sentence naming the key and what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "decoder"
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None: same as num_heads (plain multi-head)
+    d_ff: int = 1024
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    num_decoder_layers: Optional[int] = None  # encoder_decoder only; None: num_layers
+    activation: str = "gelu"
+    tie_embeddings: bool = True
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = "standard"
+    block_size: int = 64  # attention=tiled: query/key block length
+
+
+@dataclass
+class PositionConfig:
+    kind: str = "sinusoidal"
+    num_buckets: int = 32  # position=relative
+    max_distance: int = 128  # position=relative
+    rope_base: float = 10000.0  # position=rope
+
+
+@dataclass
+class NormConfig:
+    kind: str = "layernorm"
+    placement: str = "pre"
+    eps: float = 1e-5
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "auto"
+    mask_prob: float = 0.15  # mlm: fraction of tokens predicted
+    noise_density: float = 0.15  # span: fraction of tokens corrupted
+    mean_span: float = 3.0  # span: mean corrupted span length
+    temperature: float = 0.05  # contrastive: InfoNCE temperature
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    seq_len: int = 256
+    files: List[str] = field(default_factory=list)  # data=text
+    name: Optional[str] = None  # data=hub: a Hugging Face dataset name
+    subset: Optional[str] = None  # data=hub: its configuration name
+    split: str = "train"  # data=hub
+    text_field: str = "text"
+    val_fraction: float = 0.05
+    max_files: Optional[int] = None  # data=stdlib: use only the first N files (small runs)
+    cache_dir: str = "${oc.env:TRAINER_CACHE,${oc.env:HOME}/.cache/trainer}"
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"
+    init_scale: float = 65536.0  # fp16: GradScaler's starting loss scale
+
+
+@dataclass
+class ParallelConfig:
+    kind: str = "single"
+    timeout_s: int = 300  # collective timeout, so a dead rank cannot hang the others forever
+
+
+@dataclass
+class QuantizeConfig:
+    method: str = "none"
+    group_size: int = 32  # weight_int4: weights per scale
+    eval_batches: int = 8  # batches for the quality comparison
+    latency_batches: int = 5  # forward passes timed per variant
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    batch_size: int = 16  # global: split across ranks and grad_accum micro-batches
+    max_steps: int = 600
+    grad_accum: int = 1
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | never | <path to a checkpoint file or directory>
+    grad_clip: float = 1.0
+    compile: bool = False
+    device: str = "auto"
+    threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    position: PositionConfig = field(default_factory=PositionConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the root schema so `conf/config.yaml` can extend it."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _choice(value: str, valid: tuple, key: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}.")
+
+
+def _positive(value: float, key: str, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(f"{key}={value} is out of range; it must be {bound}.")
+
+
+def _fraction(value: float, key: str, lo_open: bool = True) -> None:
+    if not ((0 < value < 1) if lo_open else (0 <= value < 1)):
+        raise ConfigError(f"{key}={value} is out of range; it must be in {'(' if lo_open else '['}0, 1).")
+
+
+def resolve_objective(model_arch: str, objective: str) -> str:
+    """The objective a run trains with (`auto` picks the architecture's default)."""
+    return AUTO_OBJECTIVE[model_arch] if objective == "auto" else objective
+
+
+def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = False) -> None:
+    """Check what types cannot: choices, ranges and combinations. Raises ConfigError."""
+    m, t = cfg.model, cfg.trainer
+    for value, valid, key in [
+        (m.arch, ARCHS, "model"), (cfg.attention.kind, ATTENTIONS, "attention"),
+        (cfg.position.kind, POSITIONS, "position"), (cfg.norm.kind, NORMS, "norm"),
+        (cfg.norm.placement, PLACEMENTS, "norm.placement"),
+        (cfg.objective.kind, OBJECTIVES, "objective"), (cfg.data.source, SOURCES, "data"),
+        (cfg.precision.dtype, PRECISIONS, "precision"), (cfg.parallel.kind, PARALLELS, "parallel"),
+        (cfg.quantize.method, QUANTIZE, "quantize"), (cfg.optim.name, OPTIMIZERS, "optim"),
+        (cfg.schedule.name, SCHEDULES, "schedule"), (m.activation, ACTIVATIONS, "model.activation"),
+        (t.device, ("auto", "cpu", "cuda"), "trainer.device"),
+    ]:
+        _choice(value, valid, key)
+    for key in ("d_model", "num_layers", "num_heads", "d_ff"):
+        _positive(getattr(m, key), f"model.{key}")
+    kv = m.num_kv_heads if m.num_kv_heads is not None else m.num_heads
+    _positive(kv, "model.num_kv_heads")
+    if m.d_model % m.num_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} must divide model.d_model={m.d_model} "
+                          f"(each head gets d_model / num_heads dimensions).")
+    if m.num_heads % kv:
+        raise ConfigError(f"model.num_kv_heads={kv} must divide model.num_heads={m.num_heads} "
+                          f"(each key/value head serves a whole group of query heads).")
+    if m.num_decoder_layers is not None:
+        _positive(m.num_decoder_layers, "model.num_decoder_layers")
+    _fraction(m.dropout, "model.dropout", lo_open=False)
+    _fraction(m.attn_dropout, "model.attn_dropout", lo_open=False)
+    if cfg.position.kind == "rope" and (m.d_model // m.num_heads) % 2:
+        raise ConfigError(f"position=rope needs an even head size, but d_model/num_heads = "
+                          f"{m.d_model // m.num_heads}.")
+    if cfg.attention.kind == "tiled" and m.attn_dropout > 0:
+        raise ConfigError("attention=tiled does not support model.attn_dropout > 0; "
+                          "set model.attn_dropout=0 or use attention=standard|flash.")
+    _positive(cfg.attention.block_size, "attention.block_size")
+    objective = resolve_objective(m.arch, cfg.objective.kind)
+    if m.arch not in OBJECTIVE_ARCHS[objective]:
+        raise ConfigError(f"objective={objective} cannot train model={m.arch}; it needs model="
+                          f"{'|'.join(OBJECTIVE_ARCHS[objective])} (objective=auto picks the right one).")
+    _fraction(cfg.objective.mask_prob, "objective.mask_prob")
+    _fraction(cfg.objective.noise_density, "objective.noise_density")
+    _positive(cfg.objective.mean_span, "objective.mean_span")
+    _positive(cfg.objective.temperature, "objective.temperature")
+    if cfg.data.seq_len < 8:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is out of range; it must be >= 8.")
+    _fraction(cfg.data.val_fraction, "data.val_fraction")
+    if cfg.data.source == "text" and not cfg.data.files:
+        raise ConfigError("data=text needs data.files=[path, ...] (.txt, .jsonl with a text field, or .parquet).")
+    if cfg.data.source == "hub" and not cfg.data.name:
+        raise ConfigError("data=hub needs data.name=<a Hugging Face dataset name>.")
+    _validate_trainer(cfg, world_size, launched)
+
+
+def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool) -> None:
+    t, o = cfg.trainer, cfg.optim
+    for key in ("batch_size", "max_steps", "grad_accum", "eval_every", "eval_batches",
+                "log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive(getattr(t, key), f"trainer.{key}")
+    _positive(t.grad_clip, "trainer.grad_clip", zero_ok=True)
+    if t.threads is not None:
+        _positive(t.threads, "trainer.threads")
+    per_step = world_size * t.grad_accum
+    if t.batch_size % per_step:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} (global) must be divisible by "
+                          f"world size x trainer.grad_accum = {world_size} x {t.grad_accum}.")
+    _positive(o.lr, "optim.lr")
+    _positive(o.weight_decay, "optim.weight_decay", zero_ok=True)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1).")
+    _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", zero_ok=True)
+    _fraction(cfg.schedule.min_lr_ratio, "schedule.min_lr_ratio", lo_open=False)
+    if cfg.parallel.kind != "single" and not launched:
+        raise ConfigError(f"parallel={cfg.parallel.kind} needs a torchrun launch, e.g. "
+                          f"torchrun --nproc_per_node=N -m trainer parallel={cfg.parallel.kind}.")
+    if cfg.parallel.kind == "fsdp" and cfg.quantize.method == "qat_int8":
+        raise ConfigError("quantize=qat_int8 cannot be combined with parallel=fsdp; use parallel=ddp.")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """Plain resolved dict of the config (for logs and summaries)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

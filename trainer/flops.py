@@ -1,0 +1,83 @@
+"""FLOPs per token of our models (written out term by term) and the machine's measured peak.
+
+Counting convention (PaLM / Chinchilla): a multiply-add is 2 FLOPs; training costs 3x the
+forward (backward is twice the forward). Attention score and value products count causal
+masking as full (the usual MFU convention, which kernels that skip blocks beat in practice).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+
+def forward_flops_per_token(d_model: int, num_layers: int, num_heads: int, num_kv_heads: int, d_ff: int,
+                            seq_len: int, vocab_size: int, swiglu: bool = False, cross_len: int = 0) -> float:
+    """Forward FLOPs per token of one stack of `num_layers` blocks plus the LM head."""
+    dh = d_model // num_heads
+    qkv = 2 * d_model * (num_heads + 2 * num_kv_heads) * dh
+    out = 2 * d_model * d_model
+    ffn = 2 * d_model * d_ff * (3 if swiglu else 2)
+    scores = 2 * seq_len * d_model  # q . k over seq_len keys, all heads
+    values = 2 * seq_len * d_model  # probs @ v
+    cross = 0
+    if cross_len:
+        cross = 2 * d_model * d_model * 2 + 4 * cross_len * d_model  # q, out proj + scores, values
+    per_layer = qkv + out + ffn + scores + values + cross
+    return num_layers * per_layer + 2 * d_model * vocab_size
+
+
+def train_flops_per_token(model_cfg, seq_len: int, vocab_size: int) -> float:
+    """Training FLOPs (forward + backward) per input token of `cfg.model` at `seq_len`."""
+    m = model_cfg
+    kw = dict(d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
+              d_ff=m.d_ff, seq_len=seq_len, vocab_size=vocab_size, swiglu=m.activation == "swiglu")
+    if m.arch == "encoder_decoder":  # counted per source token, decoder length ~ source length
+        enc = forward_flops_per_token(num_layers=m.num_layers, **kw) - 2 * m.d_model * vocab_size
+        dec = forward_flops_per_token(num_layers=m.num_decoder_layers or m.num_layers, cross_len=seq_len, **kw)
+        return 3 * (enc + dec)
+    return 3 * forward_flops_per_token(num_layers=m.num_layers, **kw)
+
+
+def _probe(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak matmul FLOP/s of this device at `precision`, measured once by a GEMM probe and cached
+    per machine, device and thread count in `$TRAINER_CACHE/peak_flops.json`."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}t"
+    key = f"{os.uname().nodename}|{name}|{precision}|torch{torch.__version__}"
+    path = os.path.join(os.path.expanduser(os.environ.get("TRAINER_CACHE", "~/.cache/trainer")), "peak_flops.json")
+    cache = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}
+    if key not in cache:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        n = 4096 if device.type == "cuda" else 2048
+        cache[key] = _probe(device, dtype, n=n)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)
+    return cache[key]

@@ -1,0 +1,202 @@
+"""The single training loop: train_step, evaluate, fit. Every mode (precision, DDP, FSDP, QAT,
+compile) arrives here already applied to the model; nothing below branches on it."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from trainer.data import BatchStream, eval_batches
+from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
+from trainer.metrics import Logger
+from trainer.objectives import Objective, split_rows
+from trainer.precision import autocast
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; the run stops before the optimizer step."""
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived; the step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"signal {signum} at step {step}")
+        self.signum, self.step = signum, step
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0  # fp16 steps the GradScaler skipped (inf/nan gradients)
+    last: dict = field(default_factory=dict)  # most recent logged train/eval metrics
+
+
+@dataclass
+class Loop:
+    """What the loop needs, already built and wrapped by `run.py`."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    objective: Objective
+    stream: BatchStream
+    val_blocks: torch.Tensor
+    gen: torch.Generator
+    device: torch.device
+    precision: str
+    dist: Dist
+    logger: Logger
+    cfg: Any  # cfg.trainer
+    flops_per_token: float
+    mfu: Callable[[float], float]
+    save: Callable[[int], None]
+    stop_signal: Callable[[], int]  # 0, or the signal number that asked us to stop
+
+
+def _micro_batches(lp: Loop, batch: dict) -> list[dict]:
+    """This rank's rows of the global batch, cut into grad_accum micro-batches."""
+    rows = batch[lp.objective.rows_key].shape[0]
+    per_rank = rows // lp.dist.world_size
+    micro = per_rank // lp.cfg.grad_accum
+    start = lp.dist.rank * per_rank
+    return [split_rows(batch, start + i * micro, start + (i + 1) * micro) for i in range(lp.cfg.grad_accum)]
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _sync_context(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync / FSDP2)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    if not last and hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_step(lp: Loop, step: int) -> dict[str, torch.Tensor]:
+    """One optimizer step on the global batch of `step`; returns un-synced metric tensors."""
+    batch = lp.objective.prepare(lp.stream.batch(step), lp.gen)
+    total = lp.objective.num_targets(batch)  # global: the loss is a mean over every target
+    micros = _micro_batches(lp, batch)
+    loss_sum = torch.zeros((), device=lp.device)
+    correct = torch.zeros((), device=lp.device)
+    for i, micro in enumerate(micros):
+        with _sync_context(lp.model, i == len(micros) - 1):
+            with autocast(lp.precision, lp.device):
+                ls, c = lp.objective.loss(lp.model, _to_device(micro, lp.device))
+            # DDP/FSDP average gradients over ranks, so scale by world size to get the global mean.
+            lp.scaler.scale(ls * (lp.dist.world_size / total)).backward()
+        loss_sum += ls.detach().float()
+        correct += c.detach()
+    lp.scaler.unscale_(lp.optimizer)
+    clip = lp.cfg.grad_clip if lp.cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(lp.model.parameters(), clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    # One small collective per step: every rank must agree to stop (bad loss or a signal).
+    flags = all_reduce_max(torch.tensor([float(not torch.isfinite(loss_sum)), float(lp.stop_signal())]),
+                           lp.dist).tolist()
+    if flags[0]:
+        raise NonFiniteLoss(f"the training loss became non-finite at step {step + 1}; stopped before the "
+                            f"optimizer step (try a lower optim.lr, precision=bf16, or trainer.grad_clip)")
+    scale_before = lp.scaler.get_scale() if lp.scaler.is_enabled() else 0.0
+    lp.scaler.step(lp.optimizer)
+    lp.scaler.update()
+    lp.scheduler.step()
+    lp.optimizer.zero_grad(set_to_none=True)
+    skipped = lp.scaler.is_enabled() and lp.scaler.get_scale() < scale_before
+    return {"loss_sum": loss_sum, "correct": correct, "total": torch.tensor(float(total)),
+            "grad_norm": grad_norm.detach(), "tokens": lp.objective.tokens(batch), "skipped": skipped,
+            "stop": int(flags[1])}
+
+
+@torch.no_grad()
+def evaluate(lp: Loop) -> dict[str, float]:
+    """Held-out loss, token accuracy and perplexity on fixed validation batches (fixed masks too)."""
+    lp.model.eval()
+    gen = torch.Generator().manual_seed(1234)
+    sums = torch.zeros(3, device=lp.device)  # loss_sum, correct, targets
+    for blocks in eval_batches(lp.val_blocks, lp.cfg.batch_size, lp.cfg.eval_batches):
+        batch = lp.objective.prepare(blocks, gen)
+        rows = batch[lp.objective.rows_key].shape[0]
+        lo, hi = rows * lp.dist.rank // lp.dist.world_size, rows * (lp.dist.rank + 1) // lp.dist.world_size
+        part = split_rows(batch, lo, hi)
+        with autocast(lp.precision, lp.device):
+            ls, c = lp.objective.loss(lp.model, _to_device(part, lp.device))
+        sums += torch.stack([ls.float(), c.float(), torch.tensor(float(lp.objective.num_targets(part)),
+                                                                  device=lp.device)])
+    all_reduce_sum(sums, lp.dist)
+    lp.model.train()
+    loss, correct, n = sums.tolist()
+    loss = loss / max(n, 1)
+    return {"eval/loss": loss, "eval/accuracy": correct / max(n, 1),
+            "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def fit(lp: Loop, state: TrainState) -> TrainState:
+    """Train from `state.step` to `cfg.max_steps`: log, evaluate and checkpoint on schedule.
+
+    Raises StopRequested after saving when a signal asked to stop, NonFiniteLoss on a bad loss.
+    """
+    cfg = lp.cfg
+    lp.model.train()
+    window = {"loss_sum": torch.zeros((), device=lp.device), "correct": torch.zeros((), device=lp.device),
+              "total": 0.0, "tokens": 0, "steps": 0}
+    t_window = time.perf_counter()
+    while state.step < cfg.max_steps:
+        out = train_step(lp, state.step)
+        state.step += 1
+        state.tokens += out["tokens"]
+        state.skipped_steps += int(out["skipped"])
+        for k in ("loss_sum", "correct"):
+            window[k] += out[k]
+        window["total"] += float(out["total"])
+        window["tokens"] += out["tokens"]
+        window["steps"] += 1
+        lp.logger.advance(1)
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            elapsed = time.perf_counter() - t_window
+            _log_train(lp, state, window, out, elapsed)
+            window.update(loss_sum=window["loss_sum"] * 0, correct=window["correct"] * 0, total=0.0,
+                          tokens=0, steps=0)
+            t_window = time.perf_counter()
+        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+            metrics = evaluate(lp)
+            state.last.update(metrics)
+            lp.logger.scalars(metrics, state.step)
+            lp.logger.message(f"step {state.step}: eval/loss {metrics['eval/loss']:.4f}  "
+                              f"eval/accuracy {metrics['eval/accuracy']:.3f}")
+            t_window = time.perf_counter()  # throughput excludes evaluation
+        if out["stop"]:
+            lp.save(state.step)
+            raise StopRequested(out["stop"], state.step)
+        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+            lp.save(state.step)
+            t_window = time.perf_counter()
+    return state
+
+
+def _log_train(lp: Loop, state: TrainState, window: dict, out: dict, elapsed: float) -> None:
+    sums = all_reduce_sum(torch.stack([window["loss_sum"], window["correct"]]).float(), lp.dist).tolist()
+    loss = sums[0] / max(window["total"], 1.0)
+    tps = window["tokens"] / max(elapsed, 1e-9)
+    metrics = {"train/loss": loss, "train/accuracy": sums[1] / max(window["total"], 1.0),
+               "train/lr": lp.scheduler.get_last_lr()[0], "train/grad_norm": float(out["grad_norm"]),
+               "train/tokens_per_sec": tps, "train/mfu": lp.mfu(tps),
+               "train/step_time_s": elapsed / max(window["steps"], 1)}
+    if lp.scaler.is_enabled():
+        metrics["train/loss_scale"] = lp.scaler.get_scale()
+        metrics["train/skipped_steps"] = state.skipped_steps
+    state.last.update(metrics)
+    lp.logger.scalars(metrics, state.step)
+    lp.logger.advance(0, {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}"})

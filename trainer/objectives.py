@@ -1,0 +1,199 @@
+"""Training objectives: turn packed token blocks into inputs/targets and compute summed losses.
+
+Every objective returns (loss_sum, num_correct) over its predicted positions; the loop divides
+by the global number of targets, known before any forward pass (`num_targets`), so the gradient
+is the same however the batch is split across ranks and accumulation steps.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.config import ConfigError, ObjectiveConfig
+from trainer.data import BOS, EOS, MASK, NUM_SENTINELS, SENTINEL0
+
+Batch = Dict[str, torch.Tensor]
+
+
+class Objective:
+    """Base class: `prepare` builds a batch from blocks, `loss` runs the model on it."""
+
+    name = "base"
+    rows_key = "x"  # the batch key whose first dim is the sample dim
+
+    def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    def num_targets(self, batch: Batch) -> int:
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def tokens(self, batch: Batch) -> int:
+        """Input tokens processed (for tokens/s)."""
+        return sum(v.numel() for k, v in batch.items() if k in ("x", "src", "tgt_in", "a", "b"))
+
+
+def _ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.float()  # fp32 softmax: stable under bf16/fp16 autocast
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+    correct = (logits.argmax(-1) == target).sum()
+    return loss, correct
+
+
+class CausalLM(Objective):
+    """Next-token prediction (decoder)."""
+
+    name = "clm"
+
+    def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
+        return {"x": blocks[:, :-1], "y": blocks[:, 1:]}
+
+    def num_targets(self, batch: Batch) -> int:
+        return batch["y"].numel()
+
+    def loss(self, model, batch):
+        return _ce(model(batch["x"]), batch["y"])
+
+
+class MaskedLM(Objective):
+    """BERT-style masked LM: `mask_prob` of tokens predicted; of those 80% [MASK], 10% random, 10% kept."""
+
+    name = "mlm"
+
+    def __init__(self, mask_prob: float):
+        self.mask_prob = mask_prob
+
+    def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
+        tokens = blocks[:, :-1]
+        sel = torch.rand(tokens.shape, generator=gen) < self.mask_prob
+        sel[:, 0] |= ~sel.any(dim=1)  # at least one target per row
+        action = torch.rand(tokens.shape, generator=gen)
+        random_bytes = torch.randint(0, 256, tokens.shape, generator=gen)
+        x = torch.where(sel & (action < 0.8), torch.full_like(tokens, MASK), tokens)
+        x = torch.where(sel & (action >= 0.8) & (action < 0.9), random_bytes, x)
+        return {"x": x, "sel": sel, "y": tokens}
+
+    def num_targets(self, batch: Batch) -> int:
+        return int(batch["sel"].sum())
+
+    def loss(self, model, batch):
+        sel = batch["sel"]
+        return _ce(model(batch["x"], select=sel), batch["y"][sel])  # head on the predicted rows only
+
+
+def _span_noise_mask(length: int, noise: int, spans: int, rng: np.random.Generator) -> np.ndarray:
+    """T5's random_spans_noise_mask: exactly `noise` noise tokens in `spans` spans, interleaved."""
+
+    def segment(n: int, k: int) -> np.ndarray:  # random split of n items into k non-empty parts
+        cuts = np.sort(rng.choice(np.arange(1, n), size=k - 1, replace=False)) if k > 1 else np.zeros(0, int)
+        return np.diff(np.concatenate([[0], cuts, [n]]))
+
+    noise_lens, keep_lens = segment(noise, spans), segment(length - noise, spans)
+    mask = np.zeros(length, dtype=bool)
+    pos = 0
+    for keep, nz in zip(keep_lens, noise_lens):  # keep first so the sequence starts clean
+        pos += keep
+        mask[pos:pos + nz] = True
+        pos += nz
+    return mask
+
+
+class SpanCorruption(Objective):
+    """T5-style span corruption: spans replaced by sentinels in the source; the target lists
+    each sentinel followed by its span, then EOS. Fixed lengths, so no padding is needed."""
+
+    name = "span"
+    rows_key = "src"
+
+    def __init__(self, noise_density: float, mean_span: float):
+        self.noise_density, self.mean_span = noise_density, mean_span
+
+    def _counts(self, length: int) -> tuple[int, int]:
+        noise = min(max(1, round(length * self.noise_density)), length - 1)
+        spans = max(1, min(round(noise / self.mean_span), noise, length - noise))
+        if spans > NUM_SENTINELS:
+            raise ConfigError(f"objective.mean_span={self.mean_span} gives {spans} spans per sequence but "
+                              f"only {NUM_SENTINELS} sentinels exist; raise objective.mean_span or lower data.seq_len.")
+        return noise, spans
+
+    def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
+        tokens = blocks[:, :-1].numpy()
+        B, L = tokens.shape
+        noise, spans = self._counts(L)
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        src = np.empty((B, L - noise + spans), dtype=np.int64)
+        tgt = np.empty((B, noise + spans + 1), dtype=np.int64)
+        for b in range(B):
+            mask = _span_noise_mask(L, noise, spans, rng)
+            starts = mask & ~np.concatenate([[False], mask[:-1]])  # first token of each span
+            sentinel = SENTINEL0 + np.cumsum(starts) - 1
+            keep_src = ~mask | starts  # span starts become sentinels, rest of span dropped
+            src[b] = np.where(starts, sentinel, tokens[b])[keep_src]
+            noise_idx = np.flatnonzero(mask)
+            pairs = np.stack([np.where(starts[noise_idx], sentinel[noise_idx], -1),
+                              tokens[b][noise_idx]], 1).reshape(-1)  # (sentinel|-1, token) per noise token
+            tgt[b, :-1] = pairs[pairs >= 0]
+            tgt[b, -1] = EOS
+        src_t, tgt_t = torch.from_numpy(src), torch.from_numpy(tgt)
+        tgt_in = torch.cat([torch.full((B, 1), BOS), tgt_t[:, :-1]], dim=1)  # teacher forcing
+        return {"src": src_t, "tgt_in": tgt_in, "tgt": tgt_t}
+
+    def num_targets(self, batch: Batch) -> int:
+        return batch["tgt"].numel()
+
+    def loss(self, model, batch):
+        return _ce(model(batch["src"], target=batch["tgt_in"]), batch["tgt"])
+
+
+class Contrastive(Objective):
+    """In-batch contrastive (InfoNCE) for retrieval encoders: two disjoint halves of each block
+    are a positive pair, every other sample's half is a negative. Mean-pooled embeddings."""
+
+    name = "contrastive"
+    rows_key = "a"
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
+        tokens = blocks[:, :-1]
+        half = tokens.shape[1] // 2
+        swap = torch.rand(tokens.shape[0], generator=gen) < 0.5  # which half is the query
+        a, b = tokens[:, :half], tokens[:, half:2 * half]
+        return {"a": torch.where(swap[:, None], b, a), "b": torch.where(swap[:, None], a, b)}
+
+    def num_targets(self, batch: Batch) -> int:
+        return batch["a"].shape[0]
+
+    def embed(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(model(tokens, head=False).float().mean(dim=1), dim=-1)  # (B, D)
+
+    def loss(self, model, batch):
+        za, zb = self.embed(model, batch["a"]), self.embed(model, batch["b"])
+        scores = za @ zb.T / self.temperature  # (B, B): the diagonal holds the positives
+        labels = torch.arange(len(za), device=za.device)
+        loss = F.cross_entropy(scores, labels, reduction="sum")
+        return loss, (scores.argmax(-1) == labels).sum()
+
+
+def build_objective(kind: str, cfg: ObjectiveConfig) -> Objective:
+    """Build the objective named `kind` (already resolved from `auto`)."""
+    if kind == "clm":
+        return CausalLM()
+    if kind == "mlm":
+        return MaskedLM(cfg.mask_prob)
+    if kind == "span":
+        return SpanCorruption(cfg.noise_density, cfg.mean_span)
+    if kind == "contrastive":
+        return Contrastive(cfg.temperature)
+    raise ConfigError(f"objective={kind!r} is not valid; choose one of: auto, clm, mlm, span, contrastive.")
+
+
+def split_rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows [start, stop) of every tensor in the batch (a rank's slice or a micro-batch)."""
+    return {k: v[start:stop] for k, v in batch.items()}

@@ -1,0 +1,205 @@
+"""run(cfg): the build order, top to bottom. Tests call it directly; the CLI wraps it."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from models.build import build_model, num_params
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, resolve_objective, to_container, validate
+from trainer.data import VOCAB_SIZE, BatchStream, load_corpus
+from trainer.distributed import Dist, apply_parallel, init_distributed, teardown, unwrap
+from trainer.flops import train_flops_per_token
+from trainer.loop import Loop, TrainState, fit
+from trainer.metrics import Logger, mfu, peak_memory_mb, write_summary
+from trainer.objectives import build_objective
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.precision import build_scaler
+from trainer.quantize import apply_qat, finalize_qat, post_training_report
+
+
+def hydra_run_dir() -> str:
+    """The Hydra job's output directory (run dir or sweep subdir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError("run(cfg) needs run_dir=... when called outside a Hydra job.")
+    return HydraConfig.get().runtime.output_dir
+
+
+def resolve_device(kind: str, d: Dist) -> torch.device:
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto.")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _process_scope(threads: int | None) -> Iterator[list[int]]:
+    """Per-run global state, set on entry and undone on exit (a multirun shares one process):
+    thread count and SIGTERM/SIGINT handlers that ask the loop to stop after its step."""
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    received: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        torch.set_num_threads(old_threads)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _structure(cfg: DictConfig) -> dict:
+    """What a checkpoint's tensors depend on (checked on resume, for a one-sentence mismatch error)."""
+    m = cfg.model
+    out = {f"model.{k}": v for k, v in to_container(m).items() if k not in ("dropout", "attn_dropout")}
+    out.update({"position": cfg.position.kind, "norm": cfg.norm.kind, "norm.placement": cfg.norm.placement,
+                "quantize": cfg.quantize.method if cfg.quantize.method == "qat_int8" else "none"})
+    if cfg.position.kind == "learned":
+        out["data.seq_len"] = cfg.data.seq_len
+    return out
+
+
+def components(cfg: DictConfig) -> dict:
+    return {"model": cfg.model.arch, "attention": cfg.attention.kind, "position": cfg.position.kind,
+            "norm": cfg.norm.kind, "norm.placement": cfg.norm.placement,
+            "objective": resolve_objective(cfg.model.arch, cfg.objective.kind), "data": cfg.data.source,
+            "precision": cfg.precision.dtype, "parallel": cfg.parallel.kind, "quantize": cfg.quantize.method,
+            "optim": cfg.optim.name, "schedule": cfg.schedule.name, "compile": cfg.trainer.compile}
+
+
+def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
+    """Train (or resume) one run described by `cfg`; returns the summary dict.
+
+    Build order: distributed + seeds -> data -> model -> QAT -> compile + parallel -> optimizer,
+    schedule, scaler -> resume -> fit -> final checkpoint, weights, post-training quantization
+    -> summary.json. Raises ConfigError (bad input), NonFiniteLoss or StopRequested.
+    """
+    run_dir = os.path.abspath(run_dir or hydra_run_dir())
+    d = init_distributed("cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu",
+                         cfg.parallel.timeout_s)
+    try:
+        validate(cfg, d.world_size, d.launched)
+        with _process_scope(cfg.trainer.threads) as received:
+            return _run(cfg, run_dir, d, received)
+    finally:
+        teardown(d)
+
+
+def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.trainer.device, d)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    resume_path = ckpt.find_resume(cfg.trainer.resume, ckpt_dir)
+    meta = {"structure": _structure(cfg), "config": to_container(cfg)}
+    payload = ckpt.read_checkpoint(resume_path, meta) if resume_path else None
+    _seed_all(cfg.seed)  # identical init on every rank (FSDP shards each rank's local copy)
+
+    if not d.is_main and d.world_size > 1:
+        torch.distributed.barrier()  # rank 0 builds the on-disk corpus cache first
+    corpus = load_corpus(cfg.data, cfg.seed)
+    if d.is_main and d.world_size > 1:
+        torch.distributed.barrier()
+
+    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE,
+                        max_len=cfg.data.seq_len)
+    n_params = num_params(model)
+    model = apply_qat(model, cfg.quantize)
+    model.to(device)
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    model = apply_parallel(model, cfg.parallel.kind, device, d)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps)
+    scaler = build_scaler(cfg.precision.dtype, device, cfg.precision.init_scale)
+    gen = torch.Generator().manual_seed(cfg.seed)  # objective masks: same stream on every rank
+    _seed_all(cfg.seed + 1 + d.rank)  # dropout differs per rank, reproducibly
+
+    sharded = cfg.parallel.kind == "fsdp"
+    state = TrainState()
+    if payload is not None:
+        saved = ckpt.restore(payload, resume_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                             scaler=scaler, gen=gen, d=d, sharded=sharded)
+        state = TrainState(**saved)
+        del payload
+    objective_name = resolve_objective(cfg.model.arch, cfg.objective.kind)
+    objective = build_objective(objective_name, cfg.objective)
+    fpt = train_flops_per_token(cfg.model, cfg.data.seq_len, VOCAB_SIZE)
+    logger = Logger(run_dir, d.is_main, cfg.trainer.max_steps, state.step, cfg.trainer.progress)
+    if d.is_main:
+        hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in components(cfg).items()}
+        hp.update({f"model.{k}": v for k, v in to_container(cfg.model).items() if v is not None})
+        hp.update({"optim.lr": cfg.optim.lr, "trainer.batch_size": cfg.trainer.batch_size, "seed": cfg.seed})
+        logger.config(OmegaConf.to_yaml(cfg, resolve=True), hp)
+        where = f"resuming from {resume_path} at step {state.step}" if resume_path else "starting"
+        logger.message(f"run dir {run_dir}: {where}; {n_params / 1e6:.2f}M parameters, "
+                       f"{len(corpus.train)} train / {len(corpus.val)} val blocks of {cfg.data.seq_len} tokens, "
+                       f"device {device}, {d.world_size} process(es)")
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(ckpt_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                             scaler=scaler, gen=gen, train_state=vars(state) | {"last": dict(state.last)},
+                             meta=meta, keep=cfg.trainer.keep_checkpoints, d=d, sharded=sharded)
+
+    lp = Loop(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, objective=objective,
+              stream=BatchStream(corpus.train, cfg.trainer.batch_size, cfg.seed), val_blocks=corpus.val,
+              gen=gen, device=device, precision=cfg.precision.dtype, dist=d, logger=logger, cfg=cfg.trainer,
+              flops_per_token=fpt, save=save,
+              mfu=lambda tps: mfu(tps, fpt, device, cfg.precision.dtype, d.world_size),
+              stop_signal=lambda: received[0] if received else 0)
+    start_step = state.step
+    try:
+        state = fit(lp, state)
+        if state.step > start_step or not ckpt.list_checkpoints(ckpt_dir):
+            save(state.step)
+    finally:
+        logger.close()
+
+    weights = _final_weights(model, sharded)
+    if cfg.quantize.method == "qat_int8":
+        weights = finalize_qat(unwrap(model), weights)
+    summary = {"components": components(cfg), "parameters": n_params, "steps": state.step,
+               "tokens": state.tokens, "skipped_steps": state.skipped_steps,
+               "wall_time_s": time.perf_counter() - t_start, "peak_memory_mb": peak_memory_mb(device),
+               "flops_per_token": fpt, "world_size": d.world_size, "device": str(device),
+               "run_dir": run_dir, **{k: v for k, v in state.last.items()}}
+    summary["tokens_per_sec"] = summary.get("train/tokens_per_sec", 0.0)
+    summary["mfu"] = summary.get("train/mfu", 0.0)
+    if d.is_main:
+        torch.save(weights, os.path.join(run_dir, "model.pt"))
+        if cfg.quantize.method != "none":
+            summary["quantize"] = post_training_report(cfg, unwrap(model) if not sharded else None, weights,
+                                                       corpus.val, objective, device, run_dir)
+        write_summary(os.path.join(run_dir, "summary.json"), summary)
+    return summary
+
+
+def _final_weights(model: torch.nn.Module, sharded: bool) -> dict:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
