@@ -155,7 +155,8 @@ def _validate(
 ) -> None:
     """Raise ValueError for inconsistent shapes or options."""
     if kernel not in KERNELS:
-        raise ValueError(f"unknown attention kernel {kernel!r}; valid kernels: {', '.join(KERNELS)}")
+        raise ValueError(f"unknown attention kernel {kernel!r}; "
+                         f"valid kernels: {', '.join(KERNELS)}")
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"expected q (B, H, Tq, Dh) and k, v (B, Hkv, Tk, Dh); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -182,7 +183,7 @@ def _validate(
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, kernel: str, causal: bool = False,
     rel_bias: Tensor | None = None, key_padding_mask: Tensor | None = None,
-    dropout_p: float = 0.0, block_size: int = 64,
+    dropout_p: float = 0.0, block_size: int = 128,
 ) -> Tensor:
     """Multi-head attention with a selectable kernel.
 
@@ -195,7 +196,8 @@ def attention(
         rel_bias: Optional offset bias (H, Tq + Tk - 1), see module docstring.
         key_padding_mask: Optional (B, Tk) bool, True = real token.
         dropout_p: Dropout on attention probabilities (not supported by tiled).
-        block_size: Tile length for the tiled kernel.
+        block_size: Tile length for the tiled kernel; 128 and 256 were fastest
+            in scripts/bench_attention.py on CPU (64 pays more per-tile overhead).
 
     Returns:
         (B, H, Tq, Dh) in q's dtype.

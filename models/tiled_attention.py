@@ -123,12 +123,14 @@ def _forward_query_block(
         k_blk, v_blk = k[:, j0:j0 + sp.block], v[:, j0:j0 + sp.block]
         s = _tile_scores(sp, q_blk, k_blk, i0, j0)  # (N, rows, bk)
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        shift = m_new
         if sp.guard_empty:
-            # A row with nothing visible yet has m = -inf; shift by 0 instead
-            # so exp() gives 0 rather than NaN from (-inf) - (-inf).
-            m_new = m_new.masked_fill(m_new == float("-inf"), 0.0)
-        p = s.sub_(m_new).exp_()
-        alpha = (m - m_new).exp_()  # rescales what was accumulated so far
+            # A row with nothing visible yet has m = -inf; shift it by 0 instead
+            # so exp() gives 0 rather than NaN from (-inf) - (-inf). m itself
+            # keeps -inf so later tiles still rescale against their true max.
+            shift = m_new.masked_fill(m_new == float("-inf"), 0.0)
+        p = s.sub_(shift).exp_()
+        alpha = (m - shift).exp_()  # rescales what was accumulated so far
         l = l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
         acc = acc.mul_(alpha).baddbmm_(p, v_blk)
         m = m_new
@@ -201,8 +203,8 @@ class TiledAttention(torch.autograd.Function):
         cdt = _compute_dtype(q.dtype)
         sp = _make_tiling(q, k, causal, rel_bias, key_padding_mask, block_size, cdt)
         qs = _to_grouped(q, hkv, cdt, scale=dh ** -0.5)  # (N, Tq, G, Dh)
-        kc = k.to(cdt).reshape(b * hkv, -1, dh)  # (N, Tk, Dh)
-        vc = v.to(cdt).reshape(b * hkv, -1, dh)
+        kc = k.to(cdt).reshape(b * hkv, -1, dh).contiguous()  # (N, Tk, Dh)
+        vc = v.to(cdt).reshape(b * hkv, -1, dh).contiguous()
         out = torch.empty_like(qs)
         lse = qs.new_empty(qs.shape[:-1])  # (N, Tq, G)
         for i0 in range(0, tq, block_size):
@@ -230,10 +232,10 @@ class TiledAttention(torch.autograd.Function):
         qs = _to_grouped(q, hkv, cdt, scale=scale)  # (N, Tq, G, Dh)
         do = _to_grouped(grad_out, hkv, cdt)
         delta = (do * _to_grouped(out, hkv, cdt)).sum(dim=-1)  # D = rowsum(dO * O), (N, Tq, G)
-        kc = k.to(cdt).reshape(b * hkv, tk, dh)  # (N, Tk, Dh)
-        vc = v.to(cdt).reshape(b * hkv, tk, dh)
+        kc = k.to(cdt).reshape(b * hkv, tk, dh).contiguous()  # (N, Tk, Dh)
+        vc = v.to(cdt).reshape(b * hkv, tk, dh).contiguous()
         dq = torch.zeros_like(qs)
-        dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
+        dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)  # contiguous, like kc and vc
         need_rel = rel_bias is not None and ctx.needs_input_grad[3]
         drel = rel_bias.new_zeros(rel_bias.shape, dtype=cdt) if need_rel else None
         for j0 in range(0, tk, block):
@@ -250,7 +252,7 @@ class TiledAttention(torch.autograd.Function):
 def tiled_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     rel_bias: Tensor | None = None, key_padding_mask: Tensor | None = None,
-    block_size: int = 64,
+    block_size: int = 128,
 ) -> Tensor:
     """Blockwise attention with O(T) memory; inputs are assumed validated.
 

@@ -42,6 +42,13 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(vocab_size, d_model)
         self.encoder, self.decoder = encoder, decoder
         self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+        # Embeddings are initialised at std d^-1/2 and scaled by sqrt(d) on the way in (Vaswani et
+        # al.): token vectors then have unit-size entries, on the scale of sinusoidal positions, and
+        # the tied head sees weights of std d^-1/2, which keeps initial logits near unit variance.
+        self.embed_scale = math.sqrt(d_model)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens) * self.embed_scale  # (B, T, D)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) hidden states -> (..., vocab) logits."""
@@ -51,7 +58,7 @@ class Transformer(nn.Module):
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional encoder states (B, S, D); `mask` (B, S) is True at real tokens."""
         assert self.encoder is not None, f"model={self.arch} has no encoder"
-        return self.encoder(self.embed(tokens), mask)
+        return self.encoder(self._embed(tokens), mask)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
                 target: torch.Tensor | None = None, target_mask: torch.Tensor | None = None,
@@ -67,22 +74,23 @@ class Transformer(nn.Module):
         if self.arch == "encoder":
             hidden = self.encode(tokens, mask)
         elif self.arch == "decoder":
-            hidden = self.decoder(self.embed(tokens), mask)
+            hidden = self.decoder(self._embed(tokens), mask)
         else:
             assert target is not None, "model=encoder_decoder needs a target sequence"
             memory = self.encode(tokens, mask)
-            hidden = self.decoder(self.embed(target), target_mask, memory=memory, memory_mask=mask)
+            hidden = self.decoder(self._embed(target), target_mask, memory=memory, memory_mask=mask)
         if select is not None:
             hidden = hidden[select]  # (N, D)
         return self.logits(hidden) if head else hidden
 
 
 def init_weights(model: Transformer, num_layers: int) -> None:
-    """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers).
+    """GPT-2 style init for linears: N(0, 0.02), residual output projections scaled by
+    1/sqrt(2 * layers); the token embedding N(0, d^-1/2) (see `Transformer.embed_scale`).
 
     Only linear layers and the token embedding: norms and position modules keep their own init.
     """
-    nn.init.normal_(model.embed.weight, std=0.02)
+    nn.init.normal_(model.embed.weight, std=model.d_model**-0.5)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             residual_out = name.endswith((".out", ".down"))

@@ -52,7 +52,7 @@ class ModelConfig:
 @dataclass
 class AttentionConfig:
     kind: str = "standard"
-    block_size: int = 64  # attention=tiled: query/key block length
+    block_size: int = 128  # attention=tiled: query/key block length
 
 
 @dataclass
@@ -140,6 +140,7 @@ class TrainerConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | <path to a checkpoint file or directory>
+    steps_per_run: Optional[int] = None  # stop (checkpointed) after this many steps in one invocation
     grad_clip: float = 1.0
     compile: bool = False
     device: str = "auto"
@@ -249,6 +250,8 @@ def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool)
                 "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(getattr(t, key), f"trainer.{key}")
     _positive(t.grad_clip, "trainer.grad_clip", zero_ok=True)
+    if t.steps_per_run is not None:
+        _positive(t.steps_per_run, "trainer.steps_per_run")
     if t.threads is not None:
         _positive(t.threads, "trainer.threads")
     per_step = world_size * t.grad_accum

@@ -6,6 +6,7 @@ no per-step Python or tokenizer work.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -40,13 +41,18 @@ class Corpus:
     num_tokens: int
 
 
-def stdlib_files(max_files: int | None = None) -> list[str]:
-    """The running interpreter's standard-library `.py` files (tests and site-packages excluded)."""
+@functools.lru_cache(maxsize=4)
+def _stdlib_all() -> tuple[str, ...]:
     root = sysconfig.get_paths()["stdlib"]
     skip = (os.sep + "site-packages" + os.sep, os.sep + "test" + os.sep, os.sep + "tests" + os.sep,
             os.sep + "idlelib" + os.sep)
-    files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-                   if not any(s in f[len(root):] for s in skip))
+    return tuple(sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                        if not any(s in f[len(root):] for s in skip)))
+
+
+def stdlib_files(max_files: int | None = None) -> list[str]:
+    """The running interpreter's standard-library `.py` files (tests and site-packages excluded)."""
+    files = list(_stdlib_all())
     return files[:max_files] if max_files else files
 
 
@@ -157,6 +163,14 @@ def _build(cfg: DataConfig, seed: int, out_dir: str) -> None:
         os.replace(tmp, out_dir)
 
 
+def _blocks(ds, width: int) -> torch.Tensor:
+    """The packed rows as one (N, width) int64 tensor, read straight from Arrow (no per-row Python)."""
+    column = ds.data.column("input_ids")
+    chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in column.chunks]
+    flat = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    return torch.from_numpy(flat.astype(np.int64).reshape(-1, width))
+
+
 def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
     """The packed train/validation blocks for `cfg`, built once and cached on disk."""
     import datasets
@@ -169,8 +183,7 @@ def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
     dd = datasets.load_from_disk(out_dir)
     with open(os.path.join(out_dir, "meta.json")) as f:
         meta = json.load(f)
-    train, val = (torch.from_numpy(np.asarray(dd[s].with_format("numpy")["input_ids"], dtype=np.int64))
-                  for s in ("train", "val"))
+    train, val = (_blocks(dd[s], cfg.seq_len + 1) for s in ("train", "val"))
     return Corpus(train=train, val=val, num_docs=meta["num_docs"], num_tokens=int(train.numel() + val.numel()))
 
 

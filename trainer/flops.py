@@ -41,21 +41,27 @@ def train_flops_per_token(model_cfg, seq_len: int, vocab_size: int) -> float:
     return 3 * forward_flops_per_token(num_layers=m.num_layers, **kw)
 
 
-def _probe(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+def _probe(device: torch.device, dtype: torch.dtype, max_n: int, budget_s: float = 0.25) -> float:
+    """Best FLOP/s of square GEMMs, growing n until one takes `budget_s` (or n hits `max_n`):
+    bounded time even where a dtype has no fast kernel (bf16 on CPUs without AVX512/AMX)."""
+    n, best = 128, 0.0
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b  # warm-up (kernel selection, packing)
+        dt = float("inf")
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = min(dt, time.perf_counter() - t0)
+        best = max(best, 2 * n**3 / dt)
+        if dt > budget_s or n >= max_n:
+            return best
+        n *= 2
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
@@ -73,8 +79,7 @@ def peak_flops(device: torch.device, precision: str) -> float:
             cache = {}
     if key not in cache:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        n = 4096 if device.type == "cuda" else 2048
-        cache[key] = _probe(device, dtype, n=n)
+        cache[key] = _probe(device, dtype, max_n=8192 if device.type == "cuda" else 2048)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + f".tmp{os.getpid()}"
         with open(tmp, "w") as f:

@@ -146,14 +146,16 @@ def evaluate(lp: Loop) -> dict[str, float]:
 def fit(lp: Loop, state: TrainState) -> TrainState:
     """Train from `state.step` to `cfg.max_steps`: log, evaluate and checkpoint on schedule.
 
+    With `steps_per_run`, stops early after that many steps (the caller saves; rerun to resume).
     Raises StopRequested after saving when a signal asked to stop, NonFiniteLoss on a bad loss.
     """
     cfg = lp.cfg
+    end = cfg.max_steps if cfg.steps_per_run is None else min(cfg.max_steps, state.step + cfg.steps_per_run)
     lp.model.train()
     window = {"loss_sum": torch.zeros((), device=lp.device), "correct": torch.zeros((), device=lp.device),
               "total": 0.0, "tokens": 0, "steps": 0}
     t_window = time.perf_counter()
-    while state.step < cfg.max_steps:
+    while state.step < end:
         out = train_step(lp, state.step)
         state.step += 1
         state.tokens += out["tokens"]
@@ -180,7 +182,7 @@ def fit(lp: Loop, state: TrainState) -> TrainState:
         if out["stop"]:
             lp.save(state.step)
             raise StopRequested(out["stop"], state.step)
-        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+        if state.step % cfg.checkpoint_every == 0 and state.step < end:
             lp.save(state.step)
             t_window = time.perf_counter()
     return state

@@ -182,6 +182,7 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
     if cfg.quantize.method == "qat_int8":
         weights = finalize_qat(unwrap(model), weights)
     summary = {"components": components(cfg), "parameters": n_params, "steps": state.step,
+               "complete": state.step >= cfg.trainer.max_steps,
                "tokens": state.tokens, "skipped_steps": state.skipped_steps,
                "wall_time_s": time.perf_counter() - t_start, "peak_memory_mb": peak_memory_mb(device),
                "flops_per_token": fpt, "world_size": d.world_size, "device": str(device),
