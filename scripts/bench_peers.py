@@ -209,7 +209,7 @@ def main(argv=None) -> None:
         ours = f"ours {info['precision']}"
         ratio = (tokens / stats[ours]["median"]) / tps if ours in stats else None
         rows.append([info["name"], info["precision"], f"{info['params'] / 1e6:.2f}M", info["opt"],
-                     f"{s['median']:.3f}", f"{s['iqr']:.3f}", f"{bc.summarize(cpu_times[label])['median']:.2f}",
+                     f"{s['median']:.3f}", f"{s['iqr']:.3f}", f"{bc.summarize(cpu_times[label])['median']:.3f}",
                      f"{tps:,.0f}",
                      f"{ratio:.2f}" if ratio is not None else "-",
                      f"{100 * tps * fpt / peaks[info['precision']]:.1f}%" if peaks else "-"])

@@ -223,7 +223,7 @@ def main(argv=None) -> None:
         if info["counter"]["skipped"]:
             name += f" ({info['counter']['skipped']} steps skipped by GradScaler)"
         row = [precision, name, info["opt"], f"{med:.3f}", f"{stats[label]['iqr']:.3f}",
-               f"{bc.summarize(cpu_times[label])['median']:.2f}", f"{tps:,.0f}",
+               f"{bc.summarize(cpu_times[label])['median']:.3f}", f"{tps:,.0f}",
                f"{stats[r32]['median'] / med:.2f}x" if r32 else "-",
                f"{stats[rb]['median'] / med:.2f}x" if rb and rb != label else "-",
                bc.mib(m["extra"]) if m else "-",

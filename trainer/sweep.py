@@ -22,14 +22,18 @@ def collect(sweep_dir: str) -> list[dict]:
         with open(path) as f:
             summary = json.load(f)
         overrides_file = os.path.join(job_dir, ".hydra", "overrides.yaml")
-        overrides = ""
+        overrides: list[str] = []
         if os.path.exists(overrides_file):
             import yaml
 
             with open(overrides_file) as f:
-                overrides = " ".join(yaml.safe_load(f) or [])
+                overrides = yaml.safe_load(f) or []
         rows.append({"job": os.path.basename(job_dir), "overrides": overrides,
                      **{c: summary.get(c) for c in COLUMNS}})
+    # Show what the sweep varied: overrides shared by every job are dropped from the table.
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    for r in rows:
+        r["overrides"] = " ".join(o for o in r["overrides"] if o not in shared)
     return rows
 
 
