@@ -131,7 +131,7 @@ def make_case(precision: str, variant: str, args, device: torch.device, blocks: 
         return out
 
     info = {"cfg": cfg, "loop": lp, "params": n_params, "counter": counter,
-            "tokens": cfg.trainer.batch_size * cfg.data.seq_len,
+            "tokens": cfg.trainer.batch_size * cfg.data.seq_len, "threads": threads or torch.get_num_threads(),
             "opt": bc.optimizer_kind(lp.optimizer.inner if lowp else lp.optimizer)}
     return step, info
 
@@ -189,9 +189,12 @@ def main(argv=None) -> None:
     if args.mfu:
         from trainer.flops import peak_flops
 
-        for prec in {label.split()[0] for label in cases}:
-            bc.log(f"peak FLOP/s probe ({prec}) ...")
-            peaks[prec] = peak_flops(device, prec)
+        for key in sorted({(label.split()[0], infos[label]["threads"]) for label in cases}):
+            prec, n = key
+            bc.log(f"peak FLOP/s probe ({prec}, {n} threads) ...")
+            torch.set_num_threads(n)  # the probe is cached per thread count
+            peaks[key] = peak_flops(device, prec)
+        torch.set_num_threads(threads)
 
     from trainer.data import VOCAB_SIZE
     from trainer.flops import train_flops_per_token
@@ -231,7 +234,7 @@ def main(argv=None) -> None:
                bc.mib(info["held"])]
         if args.mfu:
             fpt = train_flops_per_token(info["cfg"].model, info["cfg"].data.seq_len, VOCAB_SIZE)
-            row.append(f"{100 * tps * fpt / peaks[precision]:.1f}%")
+            row.append(f"{100 * tps * fpt / peaks[(precision, info['threads'])]:.1f}%")
         rows.append(row)
     headers = ["precision", "variant", "AdamW", "s/step (median)", "IQR s", "CPU s/step", "tokens/s", "speed vs fp32",
                "speed vs base", "step extra MiB", "mem vs fp32", "held MiB"]
@@ -253,7 +256,8 @@ def main(argv=None) -> None:
           "(activations, gradients, temporaries). held MiB: weights + buffers + optimizer state between steps.")
     if args.mfu:
         print("MFU peaks (trainer.flops.peak_flops): "
-              + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in sorted(peaks.items())))
+              + ", ".join(f"{p} at {n} thread(s) {v / 1e9:,.1f} GFLOP/s" for (p, n), v in sorted(peaks.items()))
+              + " (a cached one-off probe: on a shared machine it reflects the load at probe time)")
     if device.type == "cpu" and any(l.split()[0] != "fp32" for l in cases) and not bc.cpu_has_fast_bf16():
         print("\nNote: this CPU has no native bf16/fp16 GEMM in oneDNN (needs AVX512-BF16/AMX/AVX-NE-CONVERT); "
               "low-precision matmuls run on a generic fallback kernel.")

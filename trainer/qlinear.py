@@ -43,20 +43,26 @@ def kernel_policy(policy: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------- quantize / dequantize
 
+def _round_int8(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer-valued fp32 in [-127, 127], scale): quantize_int8 before the int8 cast."""
+    w = w.float()
+    scale = w.abs().amax(dim, keepdim=True).clamp_min(_EPS) / 127.0
+    return torch.div(w, scale).round_().clamp_(-127, 127), scale
+
+
 def quantize_int8(w: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric absmax int8 along `dim` (one scale per row of the other dims).
 
     Returns (q int8 in [-127, 127], scale fp32 with `dim` kept as size 1).
     """
-    w = w.float()
-    scale = w.abs().amax(dim, keepdim=True).clamp_min(_EPS) / 127.0
-    return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale
+    q, scale = _round_int8(w, dim)
+    return q.to(torch.int8), scale
 
 
 def fake_quant_int8(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """quantize_int8 then dequantize, in x's dtype; gradients pass straight through (STE)."""
-    q, scale = quantize_int8(x.detach(), dim)
-    return x + (q.float() * scale - x.detach().float()).to(x.dtype)
+    q, scale = _round_int8(x.detach(), dim)
+    return x + (q * scale - x.detach().float()).to(x.dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -90,10 +96,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N, K/2) packed int4 + per-group scale/zero -> (N, K) weight in `dtype`."""
-    q = unpack_int4(packed)
     n, groups = scale.shape
-    g = q.reshape(n, groups, -1).to(dtype) - 8
-    return (g * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]).reshape(n, -1)
+    q = unpack_int4(packed).reshape(n, groups, -1).to(dtype)
+    scale = scale.to(dtype)[..., None]
+    # (q - 8) * s + z as one fused pass: q * s + (z - 8 s).
+    return torch.addcmul(zero.to(dtype)[..., None] - 8 * scale, q, scale).reshape(n, -1)
 
 
 # ---------------------------------------------------------------- kernel selection
@@ -197,19 +204,19 @@ class DynamicInt8Linear(Int8WeightLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], _compute_dtype(x)
-        xq, xs = quantize_int8(x.reshape(-1, self.in_features))  # (M, K) int8, (M, 1) fp32
-        m, k, n = xq.shape[0], self.in_features, self.out_features
+        xr, xs = _round_int8(x.reshape(-1, self.in_features), -1)  # (M, K) integer-valued, (M, 1)
+        m, k, n = xr.shape[0], self.in_features, self.out_features
         cuda_shape = m > 16 and k % 8 == 0 and n % 8 == 0  # cuBLAS int8 GEMM constraints
         if _use_fused("int_mm", x, torch.int8, shape_ok=x.device.type != "cuda" or cuda_shape,
                       fast=x.device.type == "cuda"):
             self.kernel = "_int_mm"
-            acc = torch._int_mm(xq, self.weight.t()).float()
+            acc = torch._int_mm(xr.to(torch.int8), self.weight.t()).float()
         else:
             self.kernel = "int8 values as fp32 matmul"
             # Integer products summed in fp32: exact up to 2^24, the same numbers _int_mm gives.
             with torch.autocast(x.device.type, enabled=False):
-                acc = xq.float() @ self.weight.float().t()
-        return self._finish(acc * xs * self.scale, lead, dtype)
+                acc = xr @ self.weight.float().t()
+        return self._finish(acc.mul_(xs).mul_(self.scale), lead, dtype)
 
 
 class Int4WeightLinear(QuantLinear):
