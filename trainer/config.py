@@ -37,11 +37,11 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "decoder"
-    d_model: int = 256
+    d_model: int = 192
     num_layers: int = 4
-    num_heads: int = 4
+    num_heads: int = 6
     num_kv_heads: Optional[int] = None  # None: same as num_heads (plain multi-head)
-    d_ff: int = 1024
+    d_ff: int = 768
     dropout: float = 0.0
     attn_dropout: float = 0.0
     num_decoder_layers: Optional[int] = None  # encoder_decoder only; None: num_layers
@@ -82,7 +82,7 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     source: str = "stdlib"
-    seq_len: int = 256
+    seq_len: int = 128
     files: List[str] = field(default_factory=list)  # data=text
     name: Optional[str] = None  # data=hub: a Hugging Face dataset name
     subset: Optional[str] = None  # data=hub: its configuration name
@@ -116,7 +116,7 @@ class QuantizeConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -125,19 +125,19 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.1
 
 
 @dataclass
 class TrainerConfig:
     batch_size: int = 16  # global: split across ranks and grad_accum micro-batches
-    max_steps: int = 600
+    max_steps: int = 300
     grad_accum: int = 1
-    eval_every: int = 200
+    eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | <path to a checkpoint file or directory>
     steps_per_run: Optional[int] = None  # stop (checkpointed) after this many steps in one invocation
