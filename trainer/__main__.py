@@ -35,6 +35,8 @@ def main(cfg: DictConfig) -> float:
         sys.exit(128 + e.signum)
     print(f"run dir: {summary['run_dir']}  eval/loss {summary.get('eval/loss', float('nan')):.4f}  "
           f"summary: {os.path.join(summary['run_dir'], 'summary.json')}", file=sys.stderr)
+    if "quantize" in summary:
+        print(f"quantization report: {os.path.join(summary['run_dir'], 'quantize.md')}", file=sys.stderr)
     return float(summary.get("eval/loss", float("nan")))
 
 
