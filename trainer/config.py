@@ -51,7 +51,7 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    kind: str = "standard"
+    kind: str = "flash"
     block_size: int = 128  # attention=tiled: query/key block length
 
 

@@ -117,21 +117,8 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
     meta = {"structure": _structure(cfg), "config": to_container(cfg)}
     payload = ckpt.read_checkpoint(resume_path, meta) if resume_path else None
     _seed_all(cfg.seed)  # identical init on every rank (FSDP shards each rank's local copy)
-
-    if not d.is_main and d.world_size > 1:
-        torch.distributed.barrier()  # rank 0 builds the on-disk corpus cache first
-    corpus = load_corpus(cfg.data, cfg.seed)
-    if d.is_main and d.world_size > 1:
-        torch.distributed.barrier()
-
-    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE,
-                        max_len=cfg.data.seq_len)
-    n_params = num_params(model)
-    model = apply_qat(model, cfg.quantize)
-    model.to(device)
-    if cfg.trainer.compile:
-        model = torch.compile(model)
-    model = apply_parallel(model, cfg.parallel.kind, device, d)
+    corpus = _load_corpus(cfg, d)
+    model, n_params = build_wrapped_model(cfg, device, d)
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps)
     scaler = build_scaler(cfg.precision.dtype, device, cfg.precision.init_scale)
@@ -141,23 +128,14 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
     sharded = cfg.parallel.kind == "fsdp"
     state = TrainState()
     if payload is not None:
-        saved = ckpt.restore(payload, resume_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                             scaler=scaler, gen=gen, d=d, sharded=sharded)
-        state = TrainState(**saved)
+        state = TrainState(**ckpt.restore(payload, resume_path, model=model, optimizer=optimizer,
+                                          scheduler=scheduler, scaler=scaler, gen=gen, d=d, sharded=sharded))
         del payload
-    objective_name = resolve_objective(cfg.model.arch, cfg.objective.kind)
-    objective = build_objective(objective_name, cfg.objective)
+    objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective)
     fpt = train_flops_per_token(cfg.model, cfg.data.seq_len, VOCAB_SIZE)
     logger = Logger(run_dir, d.is_main, cfg.trainer.max_steps, state.step, cfg.trainer.progress)
     if d.is_main:
-        hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in components(cfg).items()}
-        hp.update({f"model.{k}": v for k, v in to_container(cfg.model).items() if v is not None})
-        hp.update({"optim.lr": cfg.optim.lr, "trainer.batch_size": cfg.trainer.batch_size, "seed": cfg.seed})
-        logger.config(OmegaConf.to_yaml(cfg, resolve=True), hp)
-        where = f"resuming from {resume_path} at step {state.step}" if resume_path else "starting"
-        logger.message(f"run dir {run_dir}: {where}; {n_params / 1e6:.2f}M parameters, "
-                       f"{len(corpus.train)} train / {len(corpus.val)} val blocks of {cfg.data.seq_len} tokens, "
-                       f"device {device}, {d.world_size} process(es)")
+        _announce(logger, cfg, run_dir, resume_path, state.step, n_params, corpus, device, d)
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(ckpt_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -177,19 +155,61 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
             save(state.step)
     finally:
         logger.close()
+    summary = {"components": components(cfg), "parameters": n_params, "steps": state.step,
+               "complete": state.step >= cfg.trainer.max_steps, "tokens": state.tokens,
+               "skipped_steps": state.skipped_steps, "flops_per_token": fpt, "world_size": d.world_size,
+               "device": str(device), "run_dir": run_dir, **state.last}
+    return _finish(cfg, summary, model, objective, corpus, device, d, t_start)
 
+
+def _load_corpus(cfg: DictConfig, d: Dist):
+    if not d.is_main and d.world_size > 1:
+        torch.distributed.barrier()  # rank 0 builds the on-disk corpus cache first
+    corpus = load_corpus(cfg.data, cfg.seed)
+    if d.is_main and d.world_size > 1:
+        torch.distributed.barrier()
+    return corpus
+
+
+def build_wrapped_model(cfg: DictConfig, device: torch.device, d: Dist) -> tuple[torch.nn.Module, int]:
+    """Build the model and apply the transforms in order: QAT, device, compile, parallel.
+
+    Returns the wrapped model and its parameter count.
+    """
+    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE,
+                        max_len=cfg.data.seq_len)
+    n_params = num_params(model)
+    model = apply_qat(model, cfg.quantize)
+    model.to(device)
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    return apply_parallel(model, cfg.parallel.kind, device, d), n_params
+
+
+def _announce(logger: Logger, cfg: DictConfig, run_dir: str, resume_path: str | None, step: int,
+              n_params: int, corpus, device: torch.device, d: Dist) -> None:
+    """Config text + HParams to TensorBoard, and one line saying what this run is."""
+    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in components(cfg).items()}
+    hp.update({f"model.{k}": v for k, v in to_container(cfg.model).items() if v is not None})
+    hp.update({"optim.lr": cfg.optim.lr, "trainer.batch_size": cfg.trainer.batch_size, "seed": cfg.seed})
+    logger.config(OmegaConf.to_yaml(cfg, resolve=True), hp)
+    where = f"resuming from {resume_path} at step {step}" if resume_path else "starting"
+    logger.message(f"run dir {run_dir}: {where}; {n_params / 1e6:.2f}M parameters, "
+                   f"{len(corpus.train)} train / {len(corpus.val)} val blocks of {cfg.data.seq_len} tokens, "
+                   f"device {device}, {d.world_size} process(es)")
+
+
+def _finish(cfg: DictConfig, summary: dict, model: torch.nn.Module, objective, corpus, device: torch.device,
+            d: Dist, t_start: float) -> dict:
+    """Final weights (model.pt), post-training quantization, summary.json."""
+    sharded = cfg.parallel.kind == "fsdp"
     weights = _final_weights(model, sharded)
     if cfg.quantize.method == "qat_int8":
         weights = finalize_qat(unwrap(model), weights)
-    summary = {"components": components(cfg), "parameters": n_params, "steps": state.step,
-               "complete": state.step >= cfg.trainer.max_steps,
-               "tokens": state.tokens, "skipped_steps": state.skipped_steps,
-               "wall_time_s": time.perf_counter() - t_start, "peak_memory_mb": peak_memory_mb(device),
-               "flops_per_token": fpt, "world_size": d.world_size, "device": str(device),
-               "run_dir": run_dir, **{k: v for k, v in state.last.items()}}
-    summary["tokens_per_sec"] = summary.get("train/tokens_per_sec", 0.0)
-    summary["mfu"] = summary.get("train/mfu", 0.0)
+    summary.update(wall_time_s=time.perf_counter() - t_start, peak_memory_mb=peak_memory_mb(device),
+                   tokens_per_sec=summary.get("train/tokens_per_sec", 0.0), mfu=summary.get("train/mfu", 0.0))
     if d.is_main:
+        run_dir = summary["run_dir"]
         torch.save(weights, os.path.join(run_dir, "model.pt"))
         if cfg.quantize.method != "none":
             summary["quantize"] = post_training_report(cfg, unwrap(model) if not sharded else None, weights,

@@ -78,7 +78,7 @@ def test_run_dir_outputs_and_tensorboard(make_cfg, tmp_path):
 
     start = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
-    assert hparams["attention"].string_value == "standard" and hparams["model.d_model"].number_value == 32
+    assert hparams["attention"].string_value == "flash" and hparams["model.d_model"].number_value == 32
     ckpts = sorted(os.listdir(tmp_path / "checkpoints"))
     assert ckpts == ["step_00000006.pt"], ckpts  # keep_checkpoints=1 pruned step 3
     with open(tmp_path / "summary.json") as f:
