@@ -297,8 +297,12 @@ class _quiet_stderr:
         return False
 
 
-def profile_ops(fn: Callable[[], object], device: torch.device, row_limit: int = 25) -> str:
-    """Top ops by self time for one call of `fn` (torch.profiler key averages)."""
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation",
+            "mkldnn::_linear_pointwise", "aten::mkldnn_linear")
+
+
+def profile_ops(fn: Callable[[], object], device: torch.device, row_limit: int = 25) -> tuple[str, dict[str, float]]:
+    """Profile one call of `fn`: (table of the top ops by self time, {op name: self seconds})."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -306,7 +310,24 @@ def profile_ops(fn: Callable[[], object], device: torch.device, row_limit: int =
         fn()
         synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+    averages = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    self_s = {e.key: getattr(e, attr, getattr(e, key, 0.0)) / 1e6 for e in averages}
+    return averages.table(sort_by=key, row_limit=row_limit), self_s
+
+
+def gemm_summary(self_s: dict[str, float], gemm_flops: float, peak: float | None) -> str:
+    """Where a profiled step's time went relative to its GEMMs (the projections and the head)."""
+    total = sum(self_s.values())
+    gemm = sum(v for k, v in self_s.items() if k in GEMM_OPS)
+    attn = sum(v for k, v in self_s.items() if "scaled_dot_product" in k)
+    line = (f"self time {total:.3f}s: GEMM ops {gemm:.3f}s ({100 * gemm / max(total, 1e-12):.0f}%, "
+            f"{gemm_flops / 1e9:.1f} GFLOP -> {gemm_flops / max(gemm, 1e-12) / 1e9:.1f} GFLOP/s achieved), "
+            f"SDPA kernels {attn:.3f}s ({100 * attn / max(total, 1e-12):.0f}%), "
+            f"everything else {total - gemm - attn:.3f}s ({100 * (total - gemm - attn) / max(total, 1e-12):.0f}%)")
+    if peak:
+        line += f"; GEMM floor at the probe peak {peak / 1e9:.1f} GFLOP/s: {gemm_flops / peak:.3f}s"
+    return line
 
 
 # ----------------------------------------------------------------------------------------------

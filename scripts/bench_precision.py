@@ -263,9 +263,20 @@ def main(argv=None) -> None:
               "low-precision matmuls run on a generic fallback kernel.")
 
     if args.profile:
+        from trainer.flops import forward_flops_per_token
+
         for label, fn in cases.items():
+            info = infos[label]
+            m, T = info["cfg"].model, info["cfg"].data.seq_len
+            # seq_len=0 drops the attention score/value terms: what is left runs as GEMMs (projections, head).
+            gemm_flops = 3 * info["tokens"] * forward_flops_per_token(
+                d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
+                num_kv_heads=m.num_kv_heads or m.num_heads, d_ff=m.d_ff, seq_len=0, vocab_size=VOCAB_SIZE,
+                swiglu=m.activation == "swiglu") if m.arch == "decoder" else 0.0
+            table, self_s = bc.profile_ops(fn, device)
             print(f"\n#### Profile: {label} (one step, top ops by self time)\n")
-            print("```\n" + bc.profile_ops(fn, device) + "```")
+            print(bc.gemm_summary(self_s, gemm_flops, peaks.get((label.split()[0], info["threads"]))) + "\n")
+            print("```\n" + table + "```")
 
 
 if __name__ == "__main__":
