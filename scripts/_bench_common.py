@@ -330,6 +330,27 @@ def gemm_summary(self_s: dict[str, float], gemm_flops: float, peak: float | None
     return line
 
 
+def peak(device: torch.device, precision: str, fresh: bool = False) -> float:
+    """trainer.flops.peak_flops: the cached GEMM probe, or (fresh=True) a new probe into a throw-away
+    cache, for when the cached value was measured while other work loaded the machine."""
+    from trainer.flops import peak_flops
+
+    if not fresh:
+        return peak_flops(device, precision)
+    import tempfile
+
+    old = os.environ.get("TRAINER_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TRAINER_CACHE"] = tmp
+        try:
+            return peak_flops(device, precision)
+        finally:
+            if old is None:
+                os.environ.pop("TRAINER_CACHE", None)
+            else:
+                os.environ["TRAINER_CACHE"] = old
+
+
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------

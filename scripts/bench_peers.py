@@ -145,6 +145,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-mfu", action="store_true",
                    help="skip MFU (trainer.flops.peak_flops runs a GEMM probe once per machine/precision; "
                         "a bf16 probe on a CPU without native bf16 GEMM takes minutes)")
+    p.add_argument("--fresh-peak", action="store_true",
+                   help="probe the peak again (into a temporary cache) instead of trusting the cached probe, "
+                        "which keeps whatever the machine's load was when it first ran")
     p.add_argument("--quiet", action="store_true", help="no per-step progress on stderr")
     args = p.parse_args(argv)
 
@@ -188,7 +191,7 @@ def main(argv=None) -> None:
     load_before = bc.load_average()
     times, cpu_times = bc.round_robin(cases, device, args.steps, args.warmup, log=None if args.quiet else bc.log)
 
-    from trainer.flops import forward_flops_per_token, peak_flops
+    from trainer.flops import forward_flops_per_token
 
     m = cfg.model
     fpt = 3 * forward_flops_per_token(d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
@@ -196,12 +199,14 @@ def main(argv=None) -> None:
                                       vocab_size=VOCAB)
     peaks = {}
     if not args.no_mfu:
-        for prec in args.precisions:
+        # fp32's peak too: on a CPU without native bf16/fp16 GEMMs it is the hardware's real ceiling.
+        for prec in dict.fromkeys([*args.precisions, "fp32"]):
             bc.log(f"peak FLOP/s ({prec}): trainer.flops.peak_flops ...")
-            peaks[prec] = peak_flops(device, prec)
+            peaks[prec] = bc.peak(device, prec, fresh=args.fresh_peak)
 
     tokens = cfg.trainer.batch_size * cfg.data.seq_len
     stats = {label: bc.summarize(t) for label, t in times.items()}
+    lowp_cols = any(pr != "fp32" for pr in args.precisions)
     rows = []
     for label in cases:
         info, s = meta[label], stats[label]
@@ -212,7 +217,8 @@ def main(argv=None) -> None:
                      f"{s['median']:.3f}", f"{s['iqr']:.3f}", f"{bc.summarize(cpu_times[label])['median']:.3f}",
                      f"{tps:,.0f}",
                      f"{ratio:.2f}" if ratio is not None else "-",
-                     f"{100 * tps * fpt / peaks[info['precision']]:.1f}%" if peaks else "-"])
+                     f"{100 * tps * fpt / peaks[info['precision']]:.1f}%" if peaks else "-"]
+                    + ([f"{100 * tps * fpt / peaks['fp32']:.1f}%" if peaks else "-"] if lowp_cols else []))
     print(f"\n### One training step, ours vs peers: {PRESET} {' '.join(args.overrides)}".rstrip())
     print(f"\n{bc.environment(device)}")
     print(f"{m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, d_ff {m.d_ff}, seq_len "
@@ -223,7 +229,7 @@ def main(argv=None) -> None:
           f"betas {list(cfg.optim.betas)}, clip {cfg.trainer.grad_clip}\n")
     print(bc.markdown_table(["model", "precision", "params", "AdamW", "s/step (median)", "IQR s", "CPU s/step",
                              "tokens/s",
-                             "ours/peer (tokens/s)", "MFU"], rows))
+                             "ours/peer (tokens/s)", "MFU"] + (["MFU vs fp32 peak"] if lowp_cols else []), rows))
     print(f"\nours/peer: our tokens/s divided by this row's at the same precision (>1: ours is faster). "
           f"MFU: tokens/s x {fpt / 1e6:.1f} MFLOP/token (trainer.flops, same formula for every model) / peak"
           + ("; peaks: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()) if peaks else "")

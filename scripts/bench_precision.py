@@ -146,6 +146,9 @@ def main(argv=None) -> None:
     p.add_argument("--mfu", action="store_true",
                    help="also report MFU against trainer.flops.peak_flops (a GEMM probe, cached per "
                         "machine; the first bf16/fp16 probe on a CPU without native bf16 can take minutes)")
+    p.add_argument("--fresh-peak", action="store_true",
+                   help="probe the peak again (into a temporary cache) instead of trusting the cached probe, "
+                        "which keeps whatever the machine's load was when it first ran")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one more step of each configuration (top ops by self time)")
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) memory-accounting step")
@@ -187,13 +190,11 @@ def main(argv=None) -> None:
 
     peaks = {}
     if args.mfu:
-        from trainer.flops import peak_flops
-
         for key in sorted({(label.split()[0], infos[label]["threads"]) for label in cases}):
             prec, n = key
             bc.log(f"peak FLOP/s probe ({prec}, {n} threads) ...")
             torch.set_num_threads(n)  # the probe is cached per thread count
-            peaks[key] = peak_flops(device, prec)
+            peaks[key] = bc.peak(device, prec, fresh=args.fresh_peak)
         torch.set_num_threads(threads)
 
     from trainer.data import VOCAB_SIZE

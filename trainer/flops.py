@@ -41,7 +41,7 @@ def train_flops_per_token(model_cfg, seq_len: int, vocab_size: int) -> float:
     return 3 * forward_flops_per_token(num_layers=m.num_layers, **kw)
 
 
-def _probe(device: torch.device, dtype: torch.dtype, max_n: int, budget_s: float = 0.25) -> float:
+def _probe(device: torch.device, dtype: torch.dtype, max_n: int, budget_s: float = 0.15) -> float:
     """Best FLOP/s of square GEMMs, growing n until one takes `budget_s` (or n hits `max_n`):
     bounded time even where a dtype has no fast kernel (bf16 on CPUs without AVX512/AMX)."""
     n, best = 128, 0.0
@@ -64,11 +64,20 @@ def _probe(device: torch.device, dtype: torch.dtype, max_n: int, budget_s: float
         n *= 2
 
 
+_PROBED: dict[str, float] = {}  # keys probed in this process
+
+
 def peak_flops(device: torch.device, precision: str) -> float:
-    """Peak matmul FLOP/s of this device at `precision`, measured once by a GEMM probe and cached
-    per machine, device and thread count in `$TRAINER_CACHE/peak_flops.json`."""
+    """Peak matmul FLOP/s of this device at `precision`, measured by a GEMM probe.
+
+    The best figure ever measured per machine, device, thread count and torch version is kept
+    in `$TRAINER_CACHE/peak_flops.json`; each process probes once more (about a second) and
+    keeps the max, so one probe taken while the machine was busy does not stick.
+    """
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}t"
     key = f"{os.uname().nodename}|{name}|{precision}|torch{torch.__version__}"
+    if key in _PROBED:
+        return _PROBED[key]
     path = os.path.join(os.path.expanduser(os.environ.get("TRAINER_CACHE", "~/.cache/trainer")), "peak_flops.json")
     cache = {}
     if os.path.exists(path):
@@ -77,12 +86,12 @@ def peak_flops(device: torch.device, precision: str) -> float:
                 cache = json.load(f)
         except (OSError, ValueError):
             cache = {}
-    if key not in cache:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        cache[key] = _probe(device, dtype, max_n=8192 if device.type == "cuda" else 2048)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(cache, f, indent=1)
-        os.replace(tmp, path)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    measured = _probe(device, dtype, max_n=8192 if device.type == "cuda" else 2048)
+    _PROBED[key] = cache[key] = max(measured, cache.get(key, 0.0))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(cache, f, indent=1)
+    os.replace(tmp, path)
     return cache[key]
