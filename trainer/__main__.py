@@ -40,5 +40,52 @@ def main(cfg: DictConfig) -> float:
     return float(summary.get("eval/loss", float("nan")))
 
 
+def _override_error(argv: list[str]) -> str | None:
+    """Compose the config with the command line's overrides once, before Hydra does, and turn a
+    failure (unknown key, wrong type, unknown option) into one sentence. None when it composes."""
+    if any(a in ("-m", "--multirun", "-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info")
+           or a.startswith("-") for a in argv):
+        return None  # sweeps and Hydra's own flags: left to Hydra
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        return _one_sentence(e)
+    return None
+
+
+def _one_sentence(e: BaseException) -> str:
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    import re
+
+    found = re.search(r"full_key: (\S+)", str(e)) or re.search(r"full_key: (\S+)", str(root))
+    key = getattr(root, "full_key", None) or (found.group(1) if found else None)
+    text = str(root).splitlines()[0] if str(root) else type(root).__name__
+    if isinstance(root, MissingConfigException) or "Could not find" in text:
+        group = (getattr(root, "config_name", None) or "").split("/")[0]
+        options = [o for o in getattr(root, "options", None) or []]
+        valid = f"; choose one of: {', '.join(options)}" if options else ""
+        return f"{text.replace('In ' + chr(39) + 'config' + chr(39) + ': ', '')}{valid}."
+    if (isinstance(root, ConfigKeyError) or " not in " in text) and key:
+        return f"{key} is not a config key ({text}); `python -m trainer --cfg job` lists them all."
+    if isinstance(root, ValidationError) and key:
+        return f"{key} has the wrong type: {text}."
+    return text.rstrip(".") + "."
+
+
 if __name__ == "__main__":
+    problem = _override_error(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     main()
