@@ -29,19 +29,10 @@ def _offsets(tq: int, tk: int, device: torch.device) -> Tensor:
 
 
 def rel_bias_matrix(out: Tensor, tq: int, tk: int) -> Tensor:
-    """Expand a ``rel_bias`` vector to a full score bias.
+    """Expand a ``rel_bias`` vector ``(H, tq + tk - 1)`` to the full ``(H, tq, tk)`` score bias."""
+    from models.attention import expand_rel_bias
 
-    Args:
-        out: ``(H, tq + tk - 1)`` from ``Position.rel_bias(tq, tk)``.
-        tq: Number of queries.
-        tk: Number of keys.
-
-    Returns:
-        ``(H, tq, tk)`` with ``bias[h, i, j] = out[h, j - i + tq - 1]``.
-    """
-    i = torch.arange(tq, device=out.device)[:, None]
-    j = torch.arange(tk, device=out.device)[None, :]
-    return out[:, j - i + tq - 1]  # (H, tq, tk)
+    return expand_rel_bias(out, tq, tk)
 
 
 class Position(nn.Module):

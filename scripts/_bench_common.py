@@ -138,7 +138,6 @@ def build_loop(cfg: DictConfig, device: torch.device, blocks: torch.Tensor, *, v
     `optimizer_factory(model, cfg.optim, device)` replaces `build_optimizer` (experiments only).
     Returns (loop, n_params).
     """
-    from models.build import build_model, num_params
     from trainer.config import resolve_objective
     from trainer.data import VOCAB_SIZE, BatchStream
     from trainer.distributed import Dist
@@ -146,17 +145,10 @@ def build_loop(cfg: DictConfig, device: torch.device, blocks: torch.Tensor, *, v
     from trainer.objectives import build_objective
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.precision import build_scaler
-    from trainer.quantize import apply_qat
+    from trainer.run import build_wrapped_model
 
     torch.manual_seed(cfg.seed)
-    vocab = vocab_size or VOCAB_SIZE
-    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=vocab,
-                        max_len=cfg.data.seq_len)
-    n_params = num_params(model)
-    model = apply_qat(model, cfg.quantize)
-    model.to(device)
-    if cfg.trainer.compile:
-        model = torch.compile(model)
+    model, n_params = build_wrapped_model(cfg, device, Dist(), vocab_size=vocab_size or VOCAB_SIZE)
     optimizer = (optimizer_factory or build_optimizer)(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps)
     scaler = build_scaler(cfg.precision.dtype, device, cfg.precision.init_scale)

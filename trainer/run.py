@@ -171,12 +171,13 @@ def _load_corpus(cfg: DictConfig, d: Dist):
     return corpus
 
 
-def build_wrapped_model(cfg: DictConfig, device: torch.device, d: Dist) -> tuple[torch.nn.Module, int]:
+def build_wrapped_model(cfg: DictConfig, device: torch.device, d: Dist,
+                        vocab_size: int = VOCAB_SIZE) -> tuple[torch.nn.Module, int]:
     """Build the model and apply the transforms in order: QAT, device, compile, parallel.
 
-    Returns the wrapped model and its parameter count.
+    Returns the wrapped model and its parameter count (benchmarks reuse this with their vocab).
     """
-    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE,
+    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=vocab_size,
                         max_len=cfg.data.seq_len)
     n_params = num_params(model)
     model = apply_qat(model, cfg.quantize)
