@@ -137,7 +137,8 @@ def make_loop_case(cfg, precision: str, device: torch.device, blocks: torch.Tens
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     bc.add_common_args(p)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)

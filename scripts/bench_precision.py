@@ -16,6 +16,12 @@ optimizer state), and ratios to fp32.
     python scripts/bench_precision.py --precisions fp32 bf16 --variants base compile foreach \\
         attention=standard lowp-weights trainer.threads=1
     python scripts/bench_precision.py --overrides data.seq_len=512 trainer.batch_size=4
+    python scripts/bench_precision.py --precisions fp32 --profile --mfu --fresh-peak  # where the time goes
+
+--profile adds, per configuration, the top ops by self time and a split into GEMMs (the
+projections and LM head, with their achieved FLOP/s and the floor at the probed peak), SDPA
+kernels and everything else. On CPU the table also gives the process CPU time per step: far
+below threads x wall time means other processes are taking the cores.
 
 Variants (--variants; each runs at every --precisions value):
     base            the config as composed
@@ -138,7 +144,8 @@ def make_case(precision: str, variant: str, args, device: torch.device, blocks: 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     bc.add_common_args(p)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--variants", nargs="+", default=["base"],
