@@ -147,8 +147,8 @@ def main(argv=None) -> None:
                    help="skip MFU (trainer.flops.peak_flops runs a GEMM probe once per machine/precision; "
                         "a bf16 probe on a CPU without native bf16 GEMM takes minutes)")
     p.add_argument("--fresh-peak", action="store_true",
-                   help="probe the peak again (into a temporary cache) instead of trusting the cached probe, "
-                        "which keeps whatever the machine's load was when it first ran")
+                   help="probe the peak again (best of 3 probes, into a temporary cache) instead of trusting "
+                        "the cached probe, which keeps whatever the machine's load was when it first ran")
     p.add_argument("--quiet", action="store_true", help="no per-step progress on stderr")
     args = p.parse_args(argv)
 
@@ -233,7 +233,9 @@ def main(argv=None) -> None:
                              "ours/peer (tokens/s)", "MFU"] + (["MFU vs fp32 peak"] if lowp_cols else []), rows))
     print(f"\nours/peer: our tokens/s divided by this row's at the same precision (>1: ours is faster). "
           f"MFU: tokens/s x {fpt / 1e6:.1f} MFLOP/token (trainer.flops, same formula for every model) / peak"
-          + ("; peaks: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()) if peaks else "")
+          + ("; peaks: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items())
+             + (" (best of 3 fresh probes)" if args.fresh_peak else " (cached probe; --fresh-peak re-probes)")
+             if peaks else "")
           + ".")
     if device.type == "cpu" and any(pr != "fp32" for pr in args.precisions) and not bc.cpu_has_fast_bf16():
         print("Note: this CPU has no native bf16/fp16 GEMM in oneDNN (needs AVX512-BF16/AMX/AVX-NE-CONVERT); "

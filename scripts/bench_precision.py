@@ -154,8 +154,8 @@ def main(argv=None) -> None:
                    help="also report MFU against trainer.flops.peak_flops (a GEMM probe, cached per "
                         "machine; the first bf16/fp16 probe on a CPU without native bf16 can take minutes)")
     p.add_argument("--fresh-peak", action="store_true",
-                   help="probe the peak again (into a temporary cache) instead of trusting the cached probe, "
-                        "which keeps whatever the machine's load was when it first ran")
+                   help="probe the peak again (best of 3 probes, into a temporary cache) instead of trusting "
+                        "the cached probe, which keeps whatever the machine's load was when it first ran")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one more step of each configuration (top ops by self time)")
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) memory-accounting step")
@@ -265,7 +265,9 @@ def main(argv=None) -> None:
     if args.mfu:
         print("MFU peaks (trainer.flops.peak_flops): "
               + ", ".join(f"{p} at {n} thread(s) {v / 1e9:,.1f} GFLOP/s" for (p, n), v in sorted(peaks.items()))
-              + " (a cached one-off probe: on a shared machine it reflects the load at probe time)")
+              + (" (best of 3 fresh probes)" if args.fresh_peak else
+                 " (the cached probe: on a shared machine it keeps the load of the moment it first ran; "
+                 "--fresh-peak re-probes)"))
     if device.type == "cpu" and any(l.split()[0] != "fp32" for l in cases) and not bc.cpu_has_fast_bf16():
         print("\nNote: this CPU has no native bf16/fp16 GEMM in oneDNN (needs AVX512-BF16/AMX/AVX-NE-CONVERT); "
               "low-precision matmuls run on a generic fallback kernel.")
