@@ -60,7 +60,8 @@ class MaskedBatchNorm(nn.Module):
 
     Matches ``nn.BatchNorm1d`` applied to the real tokens alone: biased variance to
     normalise, unbiased variance for the running estimate, ``momentum`` = 0.1.
-    Statistics are per process (no cross-device sync). Padded outputs are zeroed.
+    Statistics are per process (no cross-device sync). Padded outputs are zeroed, and padded
+    inputs (even inf/nan) get zero gradient and leave every other gradient unchanged.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
@@ -107,6 +108,11 @@ class MaskedBatchNorm(nn.Module):
         # fp32 statistics: bf16 sums over many tokens lose too much precision.
         xf = x.float()
         mask = None if mask is None else mask.bool()
+        if mask is not None:
+            # Zero padding before any arithmetic: masking only the output keeps the forward finite,
+            # but backward would still form 0 * inf = nan in the weight/bias/input gradients.
+            # masked_fill passes no gradient to padded inputs, so padding never reaches a gradient.
+            xf = xf.masked_fill(~mask.unsqueeze(-1), 0.0)  # (B, T, D)
         if self.training:
             mean, var, n = self._batch_stats(xf, mask)
             self._update_running(mean.detach(), var.detach(), n)

@@ -32,15 +32,24 @@ def list_checkpoints(directory: str) -> list[str]:
 
 
 def rng_state(gen: torch.Generator) -> dict:
-    """This process's generators: torch (CPU, CUDA), numpy, python, and the objective's."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """This process's generators: torch (CPU, CUDA), numpy, python, and the objective's.
+
+    Only tensors and plain Python values, so the checkpoint loads with `weights_only=True`.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "objective": gen.get_state()}
 
 
 def set_rng_state(state: dict, gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -101,13 +110,30 @@ def find_resume(resume: str, directory: str) -> str | None:
     return path
 
 
+def safe_load(path: str, what: str = "file", hint: str = "") -> Any:
+    """`torch.load` that never executes code: `weights_only=True` (tensors, numbers, strings,
+    lists, tuples and dicts only; no pickled classes or callables).
+
+    Raises ConfigError naming the file (which is left untouched) when it is unreadable, corrupt,
+    or holds anything else, e.g. a crafted pickle that would run code when loaded.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = ("it holds objects other than tensors and plain values, and loading it could run code; "
+                  "it was refused" if "weights_only" in str(e) or "Weights only" in str(e)
+                  else f"it is corrupt ({type(e).__name__})")
+    except Exception as e:  # truncated zip, not a torch file, permissions ...
+        reason = f"it is corrupt or unreadable ({type(e).__name__})"
+    raise ConfigError(f"{what} {path} could not be loaded: {reason}; it was left as is"
+                      + (f": {hint}." if hint else "."))
+
+
 def read_checkpoint(path: str, meta: dict) -> dict:
     """Load and check a checkpoint; a corrupt or incompatible file raises a one-sentence ConfigError."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ConfigError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
-                          f"it was left as is: move it aside or set trainer.resume=<another checkpoint>.") from e
+    payload = safe_load(path, what="checkpoint", hint="move it aside or set trainer.resume=<another checkpoint>")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
         raise ConfigError(f"checkpoint {path} is not a checkpoint of this trainer (format "
                           f"{payload.get('format') if isinstance(payload, dict) else '?'}); it was left as is.")

@@ -88,6 +88,9 @@ class DataConfig:
     subset: Optional[str] = None  # data=hub: its configuration name
     split: str = "train"  # data=hub
     text_field: str = "text"
+    # None: text files are taken byte for byte (the byte tokenizer sees exactly the file) and
+    # .jsonl must be UTF-8; a codec name (e.g. latin-1) decodes every file with it first.
+    encoding: Optional[str] = None
     val_fraction: float = 0.05
     max_files: Optional[int] = None  # data=stdlib: use only the first N files (small runs)
     cache_dir: str = "${oc.env:TRAINER_CACHE,${oc.env:HOME}/.cache/trainer}"
@@ -109,7 +112,7 @@ class ParallelConfig:
 class QuantizeConfig:
     method: str = "none"
     group_size: int = 32  # weight_int4: weights per scale
-    eval_batches: int = 8  # batches for the quality comparison
+    eval_batches: Optional[int] = None  # quality sample in batches; None: trainer.eval_batches (eval/loss's)
     latency_batches: int = 5  # forward passes timed per variant
 
 
@@ -236,9 +239,25 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
     _positive(cfg.objective.temperature, "objective.temperature")
     if cfg.data.seq_len < 8:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is out of range; it must be >= 8.")
+    if objective == "span":
+        from trainer.objectives import span_lengths
+
+        src_len, tgt_len = span_lengths(cfg.data.seq_len, cfg.objective.noise_density, cfg.objective.mean_span)
+        if cfg.position.kind == "learned" and max(src_len, tgt_len) > cfg.data.seq_len:
+            raise ConfigError(
+                f"objective=span with objective.noise_density={cfg.objective.noise_density} and "
+                f"objective.mean_span={cfg.objective.mean_span} makes {src_len}-token inputs and {tgt_len}-token "
+                f"targets, longer than position=learned's table of data.seq_len={cfg.data.seq_len}; lower "
+                f"objective.noise_density or use another position scheme.")
     _fraction(cfg.data.val_fraction, "data.val_fraction")
     if cfg.data.source == "text" and not cfg.data.files:
         raise ConfigError("data=text needs data.files=[path, ...] (.txt, .jsonl with a text field, or .parquet).")
+    if cfg.data.source == "text":
+        import os
+
+        for f in cfg.data.files:
+            if not os.path.isfile(os.path.expanduser(f)):
+                raise ConfigError(f"data.files: no such file {f!r}.")
     if cfg.data.source == "hub" and not cfg.data.name:
         raise ConfigError("data=hub needs data.name=<a Hugging Face dataset name>.")
     _validate_trainer(cfg, world_size, launched)
@@ -254,6 +273,12 @@ def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool)
         _positive(t.steps_per_run, "trainer.steps_per_run")
     if t.threads is not None:
         _positive(t.threads, "trainer.threads")
+    if t.resume not in ("auto", "never"):
+        import os
+
+        if not os.path.exists(os.path.expanduser(t.resume)):
+            raise ConfigError(f"trainer.resume={t.resume!r}: no such checkpoint file or run dir "
+                              f"(use auto, never, or a path).")
     per_step = world_size * t.grad_accum
     if t.batch_size % per_step:
         raise ConfigError(f"trainer.batch_size={t.batch_size} (global) must be divisible by "

@@ -43,11 +43,16 @@ def train_flops_per_token(model_cfg, seq_len: int, vocab_size: int) -> float:
 
 def _probe(device: torch.device, dtype: torch.dtype, max_n: int, budget_s: float = 0.15) -> float:
     """Best FLOP/s of square GEMMs, growing n until one takes `budget_s` (or n hits `max_n`):
-    bounded time even where a dtype has no fast kernel (bf16 on CPUs without AVX512/AMX)."""
+    bounded time even where a dtype has no fast kernel (bf16 on CPUs without AVX512/AMX).
+
+    The operands come from a private generator: the probe never draws from the global RNG streams
+    a training step uses, so a run's numbers do not depend on whether (or when) it probed.
+    """
     n, best = 128, 0.0
+    gen = torch.Generator().manual_seed(0)
     while True:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
         a @ b  # warm-up (kernel selection, packing)
         dt = float("inf")
         for _ in range(3):

@@ -11,11 +11,15 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from trainer.data import BatchStream, eval_batches
+from trainer.data import BatchStream
 from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
+from trainer.heldout import eval_sample
 from trainer.metrics import Logger
 from trainer.objectives import Objective, split_rows
 from trainer.precision import autocast
+
+
+EVAL_SEED = 1234  # the evaluation masks' generator seed (fixed: comparable across steps and jobs)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -86,7 +90,8 @@ def _sync_context(model: nn.Module, last: bool) -> contextlib.AbstractContextMan
 def train_step(lp: Loop, step: int) -> dict[str, torch.Tensor]:
     """One optimizer step on the global batch of `step`; returns un-synced metric tensors."""
     batch = lp.objective.prepare(lp.stream.batch(step), lp.gen)
-    total = lp.objective.num_targets(batch)  # global: the loss is a mean over every target
+    total = max(lp.objective.num_targets(batch), 1)  # global: the loss is a mean over every target
+    lr = lp.optimizer.param_groups[0]["lr"]  # the lr this step's update uses (logged as train/lr)
     micros = _micro_batches(lp, batch)
     loss_sum = torch.zeros((), device=lp.device)
     correct = torch.zeros((), device=lp.device)
@@ -112,35 +117,48 @@ def train_step(lp: Loop, step: int) -> dict[str, torch.Tensor]:
     scale_before = lp.scaler.get_scale() if lp.scaler.is_enabled() else 0.0
     lp.scaler.step(lp.optimizer)
     lp.scaler.update()
-    lp.scheduler.step()
-    lp.optimizer.zero_grad(set_to_none=True)
+    # fp16: the GradScaler skips the update when gradients overflowed (and halves its scale). A
+    # skipped step is not an optimizer step, so it does not advance the schedule (as accelerate).
     skipped = lp.scaler.is_enabled() and lp.scaler.get_scale() < scale_before
+    if not skipped:
+        lp.scheduler.step()
+    lp.optimizer.zero_grad(set_to_none=True)
     return {"loss_sum": loss_sum, "correct": correct, "total": torch.tensor(float(total)),
             "grad_norm": grad_norm.detach(), "tokens": lp.objective.tokens(batch), "skipped": skipped,
-            "stop": int(flags[1])}
+            "stop": int(flags[1]), "lr": lr}
 
 
 @torch.no_grad()
-def evaluate(lp: Loop) -> dict[str, float]:
-    """Held-out loss, token accuracy and perplexity on fixed validation batches (fixed masks too)."""
+def evaluate(lp: Loop) -> dict[str, float] | None:
+    """Held-out loss, token accuracy and perplexity on the fixed held-out sample.
+
+    The sample (`trainer.heldout.eval_sample`) is spread over the whole validation split, and its
+    masks come from a private generator with a fixed seed: the same blocks and masks at every
+    evaluation and in every job, and the training generators are never touched. Returns None,
+    without finishing, when a stop signal arrives (every rank agrees, batch by batch).
+    """
     lp.model.eval()
-    gen = torch.Generator().manual_seed(1234)
-    sums = torch.zeros(3, device=lp.device)  # loss_sum, correct, targets
-    for blocks in eval_batches(lp.val_blocks, lp.cfg.batch_size, lp.cfg.eval_batches):
-        batch = lp.objective.prepare(blocks, gen)
-        rows = batch[lp.objective.rows_key].shape[0]
-        lo, hi = rows * lp.dist.rank // lp.dist.world_size, rows * (lp.dist.rank + 1) // lp.dist.world_size
-        part = split_rows(batch, lo, hi)
-        with autocast(lp.precision, lp.device):
-            ls, c = lp.objective.loss(lp.model, _to_device(part, lp.device))
-        sums += torch.stack([ls.float(), c.float(), torch.tensor(float(lp.objective.num_targets(part)),
-                                                                  device=lp.device)])
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    sums = torch.zeros(4, device=lp.device)  # loss_sum, correct, targets, blocks
+    try:
+        for blocks in eval_sample(lp.val_blocks, lp.cfg.batch_size, lp.cfg.eval_batches):
+            if all_reduce_max(torch.tensor([float(lp.stop_signal())]), lp.dist).item():
+                return None
+            batch = lp.objective.prepare(blocks, gen)
+            rows = batch[lp.objective.rows_key].shape[0]
+            lo, hi = rows * lp.dist.rank // lp.dist.world_size, rows * (lp.dist.rank + 1) // lp.dist.world_size
+            part = split_rows(batch, lo, hi)
+            with autocast(lp.precision, lp.device):
+                ls, c = lp.objective.loss(lp.model, _to_device(part, lp.device))
+            sums += torch.tensor([float(ls), float(c), float(lp.objective.num_targets(part)), float(hi - lo)],
+                                 device=lp.device)
+    finally:
+        lp.model.train()
     all_reduce_sum(sums, lp.dist)
-    lp.model.train()
-    loss, correct, n = sums.tolist()
+    loss, correct, n, blocks_seen = sums.tolist()
     loss = loss / max(n, 1)
-    return {"eval/loss": loss, "eval/accuracy": correct / max(n, 1),
-            "eval/perplexity": math.exp(min(loss, 50.0))}
+    return {"eval/loss": loss, "eval/accuracy": correct / max(n, 1), "eval/perplexity": math.exp(min(loss, 50.0)),
+            "eval/blocks": blocks_seen, "eval/targets": n}
 
 
 def fit(lp: Loop, state: TrainState) -> TrainState:
@@ -172,16 +190,20 @@ def fit(lp: Loop, state: TrainState) -> TrainState:
             window.update(loss_sum=window["loss_sum"] * 0, correct=window["correct"] * 0, total=0.0,
                           tokens=0, steps=0)
             t_window = time.perf_counter()
-        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
-            metrics = evaluate(lp)
-            state.last.update(metrics)
-            lp.logger.scalars(metrics, state.step)
-            lp.logger.message(f"step {state.step}: eval/loss {metrics['eval/loss']:.4f}  "
-                              f"eval/accuracy {metrics['eval/accuracy']:.3f}")
-            t_window = time.perf_counter()  # throughput excludes evaluation
-        if out["stop"]:
+        if out["stop"]:  # a stop request is honoured at the step boundary: save, skip evaluation
             lp.save(state.step)
             raise StopRequested(out["stop"], state.step)
+        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+            metrics = evaluate(lp)
+            if metrics is None:  # a signal arrived during the evaluation
+                lp.save(state.step)
+                raise StopRequested(lp.stop_signal() or 15, state.step)
+            state.last.update(metrics, eval_step=state.step)
+            lp.logger.scalars(metrics, state.step)
+            lp.logger.message(f"step {state.step}: eval/loss {metrics['eval/loss']:.4f}  "
+                              f"eval/accuracy {metrics['eval/accuracy']:.3f}  "
+                              f"({int(metrics['eval/blocks'])} held-out blocks, {int(metrics['eval/targets'])} targets)")
+            t_window = time.perf_counter()  # throughput excludes evaluation
         if state.step % cfg.checkpoint_every == 0 and state.step < end:
             lp.save(state.step)
             t_window = time.perf_counter()
@@ -193,7 +215,7 @@ def _log_train(lp: Loop, state: TrainState, window: dict, out: dict, elapsed: fl
     loss = sums[0] / max(window["total"], 1.0)
     tps = window["tokens"] / max(elapsed, 1e-9)
     metrics = {"train/loss": loss, "train/accuracy": sums[1] / max(window["total"], 1.0),
-               "train/lr": lp.scheduler.get_last_lr()[0], "train/grad_norm": float(out["grad_norm"]),
+               "train/lr": out["lr"], "train/grad_norm": float(out["grad_norm"]),
                "train/tokens_per_sec": tps, "train/mfu": lp.mfu(tps),
                "train/step_time_s": elapsed / max(window["steps"], 1)}
     if lp.scaler.is_enabled():
@@ -201,4 +223,4 @@ def _log_train(lp: Loop, state: TrainState, window: dict, out: dict, elapsed: fl
         metrics["train/skipped_steps"] = state.skipped_steps
     state.last.update(metrics)
     lp.logger.scalars(metrics, state.step)
-    lp.logger.advance(0, {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}"})
+    lp.logger.progress(state.step, {"loss": f"{loss:.3f}", "lr": f"{out['lr']:.3g}", "tok/s": f"{tps:,.0f}"})

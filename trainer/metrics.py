@@ -13,20 +13,29 @@ from trainer.flops import peak_flops
 
 
 class Logger:
-    """Scalars to TensorBoard and a progress bar, on rank 0; a no-op elsewhere."""
+    """Scalars to TensorBoard and progress on stderr, on rank 0; a no-op elsewhere.
+
+    Progress is a tqdm bar when stderr is a terminal, else one plain line per logged step (a log
+    file or a cluster job gets no carriage-return frames). `start_step` > 0 (a resume) opens the
+    event file with `purge_step=start_step + 1`: TensorBoard's reader then drops the events a
+    previous invocation wrote past the checkpoint it resumed from, so every step appears once.
+    """
 
     def __init__(self, run_dir: str, enabled: bool, total_steps: int, start_step: int, progress: bool):
         self.enabled, self.writer, self.bar = enabled, None, None
+        self.total_steps, self.plain = total_steps, False
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=run_dir)
-        if progress:
+        self.writer = SummaryWriter(log_dir=run_dir, purge_step=start_step + 1 if start_step > 0 else None)
+        if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        else:
+            self.plain = progress
 
     def config(self, text_yaml: str, hparams: dict[str, Any]) -> None:
         """The resolved config as text, and hparams for TensorBoard's HParams tab."""
@@ -46,11 +55,18 @@ class Logger:
             for tag, v in values.items():
                 self.writer.add_scalar(tag, v, step)
 
-    def advance(self, n: int, postfix: dict[str, str] | None = None) -> None:
+    def advance(self, n: int) -> None:
+        """`n` more steps done (moves the bar)."""
         if self.bar:
             self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
+
+    def progress(self, step: int, values: dict[str, str]) -> None:
+        """The latest logged values: the bar's postfix, or one plain line when not on a terminal."""
+        if self.bar:
+            self.bar.set_postfix(values, refresh=False)
+        elif self.plain:
+            print(f"step {step}/{self.total_steps}  " + "  ".join(f"{k} {v}" for k, v in values.items()),
+                  file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -64,10 +80,35 @@ class Logger:
             self.writer.close()
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window for this run (a multirun's jobs share one process).
+
+    CUDA: the allocator's peak statistics. CPU (Linux): writing 5 to /proc/self/clear_refs resets
+    the process's peak resident set (VmHWM) to its current size; where that is not possible the
+    peak stays the process's lifetime peak, and `peak_memory_mb` says which it reports.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocator peak, or max RSS on CPU."""
+    """Peak memory (MiB) since `reset_peak_memory`: CUDA allocator peak, or peak RSS on CPU
+    (VmHWM from /proc/self/status; `ru_maxrss`, the lifetime peak, where /proc is missing)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

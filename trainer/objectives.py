@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import ConfigError, ObjectiveConfig
-from trainer.data import BOS, EOS, MASK, NUM_SENTINELS, SENTINEL0
+from trainer.data import BOS, EOS, MASK, NUM_SENTINELS, VOCAB_SIZE
 
 Batch = Dict[str, torch.Tensor]
 
@@ -61,7 +61,12 @@ class CausalLM(Objective):
 
 
 class MaskedLM(Objective):
-    """BERT-style masked LM: `mask_prob` of tokens predicted; of those 80% [MASK], 10% random, 10% kept."""
+    """BERT-style masked LM: `mask_prob` of the non-special tokens predicted; of those 80% [MASK],
+    10% a random byte, 10% kept (HF `DataCollatorForLanguageModeling`).
+
+    Special ids (>= 256: PAD, BOS, EOS, MASK, sentinels) are never selected, and no row is forced
+    to have a target, so a row (or a whole batch) may have none: `num_targets` is the true count.
+    """
 
     name = "mlm"
 
@@ -69,9 +74,10 @@ class MaskedLM(Objective):
         self.mask_prob = mask_prob
 
     def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
-        tokens = blocks[:, :-1]
-        sel = torch.rand(tokens.shape, generator=gen) < self.mask_prob
-        sel[:, 0] |= ~sel.any(dim=1)  # at least one target per row
+        tokens = blocks[:, :-1]  # (B, T)
+        special = tokens >= 256  # ids 0..255 are bytes; everything above is a special id
+        # Draws have the full (B, T) shape whatever the content, so `gen` advances the same per batch.
+        sel = (torch.rand(tokens.shape, generator=gen) < self.mask_prob) & ~special
         action = torch.rand(tokens.shape, generator=gen)
         random_bytes = torch.randint(0, 256, tokens.shape, generator=gen)
         x = torch.where(sel & (action < 0.8), torch.full_like(tokens, MASK), tokens)
@@ -79,7 +85,7 @@ class MaskedLM(Objective):
         return {"x": x, "sel": sel, "y": tokens}
 
     def num_targets(self, batch: Batch) -> int:
-        return int(batch["sel"].sum())
+        return int(batch["sel"].sum())  # may be 0: the caller guards the division
 
     def loss(self, model, batch):
         sel = batch["sel"]
@@ -103,9 +109,37 @@ def _span_noise_mask(length: int, noise: int, spans: int, rng: np.random.Generat
     return mask
 
 
+def _span_counts(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) in `length` tokens, T5's formulas; ConfigError if too many spans."""
+    noise = min(max(1, round(length * noise_density)), length - 1)
+    spans = max(1, min(round(noise / mean_span), noise, length - noise))
+    if spans > NUM_SENTINELS:
+        raise ConfigError(f"objective.mean_span={mean_span} gives {spans} spans per sequence but "
+                          f"only {NUM_SENTINELS} sentinels exist; raise objective.mean_span or lower data.seq_len.")
+    return noise, spans
+
+
+def span_lengths(seq_len: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """(src_len, tgt_len) in tokens of a span-corrupted block of `seq_len` tokens.
+
+    T5 (Raffel et al. 2020; `t5.data.preprocessors.span_corruption`): `noise = round(seq_len *
+    noise_density)` tokens in `spans = round(noise / mean_span)` spans. The source keeps the
+    `seq_len - noise` clean tokens, one sentinel per span and a final EOS; the target is
+    `<s0> span0 <s1> span1 ... EOS`. So src_len = seq_len - noise + spans + 1 and
+    tgt_len = noise + spans + 1 (`tgt_in` has tgt_len too). Fixed for a given seq_len.
+
+    Raises:
+        ConfigError: more spans than the vocabulary has sentinels.
+    """
+    noise, spans = _span_counts(seq_len, noise_density, mean_span)
+    return seq_len - noise + spans + 1, noise + spans + 1
+
+
 class SpanCorruption(Objective):
-    """T5-style span corruption: spans replaced by sentinels in the source; the target lists
-    each sentinel followed by its span, then EOS. Fixed lengths, so no padding is needed."""
+    """T5-style span corruption (`span_corruption` in t5.data.preprocessors): each noise span is
+    replaced by one sentinel in the source (sentinel i = VOCAB_SIZE - 1 - i), which ends with EOS;
+    the target lists each sentinel followed by its span, then EOS. Lengths are fixed per block
+    length (`span_lengths`), so no padding is needed."""
 
     name = "span"
     rows_key = "src"
@@ -114,31 +148,27 @@ class SpanCorruption(Objective):
         self.noise_density, self.mean_span = noise_density, mean_span
 
     def _counts(self, length: int) -> tuple[int, int]:
-        noise = min(max(1, round(length * self.noise_density)), length - 1)
-        spans = max(1, min(round(noise / self.mean_span), noise, length - noise))
-        if spans > NUM_SENTINELS:
-            raise ConfigError(f"objective.mean_span={self.mean_span} gives {spans} spans per sequence but "
-                              f"only {NUM_SENTINELS} sentinels exist; raise objective.mean_span or lower data.seq_len.")
-        return noise, spans
+        return _span_counts(length, self.noise_density, self.mean_span)
 
     def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
         tokens = blocks[:, :-1].numpy()
         B, L = tokens.shape
         noise, spans = self._counts(L)
+        src_len, tgt_len = span_lengths(L, self.noise_density, self.mean_span)
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        src = np.empty((B, L - noise + spans), dtype=np.int64)
-        tgt = np.empty((B, noise + spans + 1), dtype=np.int64)
+        src = np.empty((B, src_len), dtype=np.int64)
+        tgt = np.empty((B, tgt_len), dtype=np.int64)
+        src[:, -1] = tgt[:, -1] = EOS  # T5 appends EOS to inputs and targets
         for b in range(B):
             mask = _span_noise_mask(L, noise, spans, rng)
             starts = mask & ~np.concatenate([[False], mask[:-1]])  # first token of each span
-            sentinel = SENTINEL0 + np.cumsum(starts) - 1
+            sentinel = VOCAB_SIZE - np.cumsum(starts)  # span i -> VOCAB_SIZE - 1 - i (at its tokens)
             keep_src = ~mask | starts  # span starts become sentinels, rest of span dropped
-            src[b] = np.where(starts, sentinel, tokens[b])[keep_src]
+            src[b, :-1] = np.where(starts, sentinel, tokens[b])[keep_src]
             noise_idx = np.flatnonzero(mask)
             pairs = np.stack([np.where(starts[noise_idx], sentinel[noise_idx], -1),
                               tokens[b][noise_idx]], 1).reshape(-1)  # (sentinel|-1, token) per noise token
             tgt[b, :-1] = pairs[pairs >= 0]
-            tgt[b, -1] = EOS
         src_t, tgt_t = torch.from_numpy(src), torch.from_numpy(tgt)
         tgt_in = torch.cat([torch.full((B, 1), BOS), tgt_t[:, :-1]], dim=1)  # teacher forcing
         return {"src": src_t, "tgt_in": tgt_in, "tgt": tgt_t}

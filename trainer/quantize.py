@@ -26,7 +26,9 @@ import torch.nn as nn
 from models.blocks import Block
 from models.build import build_model
 from trainer.config import ConfigError
-from trainer.data import VOCAB_SIZE, eval_batches
+from trainer.data import VOCAB_SIZE
+from trainer.heldout import eval_sample
+from trainer.loop import EVAL_SEED  # same masks as the logged eval/loss
 from trainer.objectives import Objective
 from trainer.precision import autocast
 from trainer.qlinear import (INT4_FUSED_GROUPS, DynamicInt8Linear, FakeQuantLinear, Int4WeightLinear,
@@ -34,7 +36,6 @@ from trainer.qlinear import (INT4_FUSED_GROUPS, DynamicInt8Linear, FakeQuantLine
 
 PTQ_METHODS = ("dynamic_int8", "weight_int8", "weight_int4")
 FULL_PRECISION = "token embedding and LM head (tied by default), norms, position parameters"
-EVAL_SEED = 1234  # the loop's evaluation seed: same masks as the logged eval/loss
 MB = 1e6
 
 
@@ -99,7 +100,8 @@ def apply_qat(model: nn.Module, cfg) -> nn.Module:
     methods: the model is returned unchanged, after the settings the post-training report will
     need are checked, so a bad one fails before training rather than after.
     """
-    if cfg.method != "none" and (cfg.eval_batches < 1 or cfg.latency_batches < 1):
+    if cfg.method != "none" and ((cfg.eval_batches is not None and cfg.eval_batches < 1)
+                                 or cfg.latency_batches < 1):
         raise ConfigError(f"quantize.eval_batches={cfg.eval_batches} and quantize.latency_batches="
                           f"{cfg.latency_batches} must both be >= 1.")
     if cfg.method == "weight_int4":
@@ -166,10 +168,11 @@ def linear_state(model: nn.Module) -> dict:
 
 def prepare_batches(objective: Objective, val_blocks: torch.Tensor, batch_size: int, num_batches: int,
                     seed: int = EVAL_SEED) -> list[dict]:
-    """The first `num_batches` validation batches, prepared with a fixed-seed generator (so every
-    variant sees the same inputs and, for masked objectives, the same masks)."""
+    """The held-out sample the training loop evaluates (`trainer.heldout.eval_sample`: spread over
+    the whole split), prepared with a fixed-seed generator, so every variant sees the same inputs
+    and, for masked objectives, the same masks."""
     gen = torch.Generator().manual_seed(seed)
-    return [objective.prepare(blocks, gen) for blocks in eval_batches(val_blocks, batch_size, num_batches)]
+    return [objective.prepare(blocks, gen) for blocks in eval_sample(val_blocks, batch_size, num_batches)]
 
 
 def _on(batch: dict, device: torch.device) -> dict:
@@ -231,8 +234,9 @@ def compare_variants(variants: dict[str, tuple[nn.Module, str]], objective: Obje
     Returns {name: {size_mb, linears_mb, size_ratio, latency_ms, speedup, eval_loss, loss_delta,
     accuracy, accuracy_delta, precision, kernels}}; ratios and deltas are against `baseline`.
     """
-    batches = prepare_batches(objective, val_blocks, batch_size, max(eval_n, latency_n))
-    latency = measure_latency(variants, objective, batches[:latency_n], device)
+    batches = prepare_batches(objective, val_blocks, batch_size, eval_n)
+    timed = [batches[i % len(batches)] for i in range(latency_n)]  # cycles when latency_n > eval_n
+    latency = measure_latency(variants, objective, timed, device)
     rows: dict[str, dict] = {}
     for name, (model, precision) in variants.items():
         loss, acc = evaluate_quality(model, objective, batches[:eval_n], device, precision)
@@ -245,7 +249,8 @@ def compare_variants(variants: dict[str, tuple[nn.Module, str]], objective: Obje
         row.update(size_ratio=base["size_mb"] / row["size_mb"], linears_ratio=base["linears_mb"] / row["linears_mb"],
                    speedup=base["latency_ms"] / row["latency_ms"], loss_delta=row["eval_loss"] - base["eval_loss"],
                    accuracy_delta=row["accuracy"] - base["accuracy"])
-    rows["_batches"] = {"eval": min(eval_n, len(batches)), "latency": min(latency_n, len(batches))}
+    rows["_batches"] = {"eval": len(batches), "latency": len(timed),
+                        "eval_blocks": sum(b[objective.rows_key].shape[0] for b in batches)}
     return rows
 
 
@@ -282,7 +287,8 @@ def post_training_report(cfg, model, weights, val_blocks, objective, device, run
     name = "qat_int8 -> dynamic_int8" if q.method == "qat_int8" else q.method
     quant = apply_ptq(copy.deepcopy(fp32), q.method, q.group_size)
     variants[name] = (quant, precision)
-    rows = compare_variants(variants, objective, val_blocks, cfg.trainer.batch_size, q.eval_batches,
+    eval_n = q.eval_batches if q.eval_batches is not None else cfg.trainer.eval_batches
+    rows = compare_variants(variants, objective, val_blocks, cfg.trainer.batch_size, eval_n,
                             q.latency_batches, device)
     batches = rows.pop("_batches")
     path = os.path.join(run_dir, f"model_{q.method}.pt")
@@ -290,7 +296,8 @@ def post_training_report(cfg, model, weights, val_blocks, objective, device, run
     n_layers = len(_block_children(quant, (QuantLinear,)))
     header = (f"# Quantization report: {q.method}\n\n"
               f"Device {device}, {torch.get_num_threads()} CPU threads, precision {precision}; quality on "
-              f"{batches['eval']} validation batches of {cfg.trainer.batch_size}, latency = median forward+loss "
+              f"{batches['eval_blocks']} validation blocks spread over the held-out split (the eval/loss "
+              f"sample), latency = median forward+loss "
               f"over {batches['latency']} batches.\nQuantized: {n_layers} Linear layers inside the transformer "
               f"blocks. Kept in full precision: {FULL_PRECISION}.\nSaved: {os.path.basename(path)} "
               f"(load with trainer.quantize.load_quantized).\n\n")

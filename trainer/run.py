@@ -21,7 +21,8 @@ from trainer.data import VOCAB_SIZE, BatchStream, load_corpus
 from trainer.distributed import Dist, apply_parallel, init_distributed, teardown, unwrap
 from trainer.flops import train_flops_per_token
 from trainer.loop import Loop, TrainState, fit
-from trainer.metrics import Logger, mfu, peak_memory_mb, write_summary
+from trainer.flops import peak_flops
+from trainer.metrics import Logger, peak_memory_mb, reset_peak_memory, write_summary
 from trainer.objectives import build_objective
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.precision import build_scaler
@@ -112,12 +113,13 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
 def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(cfg.trainer.device, d)
+    reset_peak_memory(device)  # this run's own peak, not the process's (a multirun shares it)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     resume_path = ckpt.find_resume(cfg.trainer.resume, ckpt_dir)
     meta = {"structure": _structure(cfg), "config": to_container(cfg)}
     payload = ckpt.read_checkpoint(resume_path, meta) if resume_path else None
-    _seed_all(cfg.seed)  # identical init on every rank (FSDP shards each rank's local copy)
     corpus = _load_corpus(cfg, d)
+    _seed_all(cfg.seed)  # identical init on every rank (FSDP shards each rank's local copy)
     model, n_params = build_wrapped_model(cfg, device, d)
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps)
@@ -127,15 +129,24 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
 
     sharded = cfg.parallel.kind == "fsdp"
     state = TrainState()
+    payload_max_steps = None
     if payload is not None:
+        payload_max_steps = payload.get("meta", {}).get("config", {}).get("trainer", {}).get("max_steps")
         state = TrainState(**ckpt.restore(payload, resume_path, model=model, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, gen=gen, d=d, sharded=sharded))
         del payload
     objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective)
     fpt = train_flops_per_token(cfg.model, cfg.data.seq_len, VOCAB_SIZE)
+    # The machine's peak (a GEMM probe, cached per machine) is taken now, in setup, so neither the
+    # first logged window's throughput nor the training time pays for it.
+    peak = peak_flops(device, cfg.precision.dtype) * d.world_size
     logger = Logger(run_dir, d.is_main, cfg.trainer.max_steps, state.step, cfg.trainer.progress)
     if d.is_main:
         _announce(logger, cfg, run_dir, resume_path, state.step, n_params, corpus, device, d)
+        if payload_max_steps is not None and payload_max_steps != cfg.trainer.max_steps:
+            logger.message(f"note: trainer.max_steps changed from {payload_max_steps} (the checkpoint's) to "
+                           f"{cfg.trainer.max_steps}; the {cfg.schedule.name} schedule now ends at step "
+                           f"{cfg.trainer.max_steps}, from step {state.step} on.")
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(ckpt_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -146,19 +157,26 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
               stream=BatchStream(corpus.train, cfg.trainer.batch_size, cfg.seed), val_blocks=corpus.val,
               gen=gen, device=device, precision=cfg.precision.dtype, dist=d, logger=logger, cfg=cfg.trainer,
               flops_per_token=fpt, save=save,
-              mfu=lambda tps: mfu(tps, fpt, device, cfg.precision.dtype, d.world_size),
+              mfu=lambda tps: tps * fpt / peak if peak > 0 else 0.0,
               stop_signal=lambda: received[0] if received else 0)
     start_step = state.step
+    t_fit = time.perf_counter()
     try:
         state = fit(lp, state)
         if state.step > start_step or not ckpt.list_checkpoints(ckpt_dir):
             save(state.step)
     finally:
         logger.close()
+    complete = state.step >= cfg.trainer.max_steps
+    if not complete and d.is_main:
+        logger.message(f"paused at step {state.step} of {cfg.trainer.max_steps} after trainer.steps_per_run="
+                       f"{cfg.trainer.steps_per_run} steps; checkpoint saved, run the same command again to "
+                       f"continue.")
     summary = {"components": components(cfg), "parameters": n_params, "steps": state.step,
-               "complete": state.step >= cfg.trainer.max_steps, "tokens": state.tokens,
-               "skipped_steps": state.skipped_steps, "flops_per_token": fpt, "world_size": d.world_size,
-               "device": str(device), "run_dir": run_dir, **state.last}
+               "complete": complete, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
+               "flops_per_token": fpt, "peak_flops": peak, "world_size": d.world_size, "device": str(device),
+               "run_dir": run_dir, "setup_time_s": t_fit - t_start, "train_time_s": time.perf_counter() - t_fit,
+               **state.last}
     return _finish(cfg, summary, model, objective, corpus, device, d, t_start)
 
 

@@ -68,8 +68,14 @@ def test_run_dir_outputs_and_tensorboard(make_cfg, tmp_path):
         assert tag in scalars, tag
     assert sorted(scalars["train/loss"]) == [2, 4, 6]
     assert sorted(scalars["eval/loss"]) == [3, 6]
-    # warmup 2 steps, then cosine from lr 2e-3 down to min_lr_ratio 0.1 at step 6
-    assert [scalars["train/lr"][s] for s in (2, 4, 6)] == pytest.approx([2e-3, 1.1e-3, 2e-4], rel=1e-5)
+    # train/lr at step s is the lr step s's update used: warmup 2 steps, then cosine from 2e-3
+    # towards min_lr_ratio 0.1 over steps 3..6 (0-based update i = s - 1, progress (i - 2) / 4).
+    def used(s: int) -> float:
+        i = s - 1
+        return 2e-3 * ((i + 1) / 2 if i < 2 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - 2) / 4)))
+
+    assert [scalars["train/lr"][s] for s in (2, 4, 6)] == pytest.approx([used(2), used(4), used(6)], rel=1e-6)
+    assert used(4) == pytest.approx(2e-3 * (0.1 + 0.45 * (1 + math.sqrt(0.5))))
     acc = read_accumulator(str(tmp_path))
     assert "config/text_summary" in acc.Tags()["tensors"]
     config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()

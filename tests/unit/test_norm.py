@@ -143,3 +143,54 @@ def test_bf16_inputs(kind: str) -> None:
 def test_unknown_norm_raises() -> None:
     with pytest.raises(ValueError, match="layernorm, rmsnorm, batchnorm"):
         build_norm("groupnorm", D)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batchnorm_nonfinite_padding_never_reaches_a_gradient(training: bool) -> None:
+    """inf/nan at padded positions: the same forward and the same gradients (weight, bias, real
+    tokens) as zero padding, zero gradient at padded inputs; in training both equal
+    nn.BatchNorm1d run on the real tokens alone."""
+    torch.manual_seed(5)
+    B, T = 3, 6
+    x = torch.randn(B, T, D) * 2 + 0.5
+    mask = torch.arange(T)[None, :] < torch.tensor([6, 2, 4])[:, None]  # (B, T) ragged
+    g = torch.randn(B, T, D)  # upstream gradient, non-zero at padded positions too
+    x_bad = x.masked_fill(~mask[..., None], 0.0)
+    x_bad[1, 2:, :3] = float("inf")
+    x_bad[1, 2:, 3:] = float("-inf")
+    x_bad[2, 4:] = float("nan")
+    x_clean = x.masked_fill(~mask[..., None], 0.0)
+
+    def run(inp: torch.Tensor):
+        bn = build_norm("batchnorm", D)
+        torch.manual_seed(6)
+        _randomise_affine(bn)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(D))
+            bn.running_var.copy_(torch.rand(D) + 0.5)
+        bn.train(training)
+        inp = inp.clone().requires_grad_(True)
+        out = bn(inp, mask)
+        out.backward(g)
+        return bn, out.detach(), inp.grad
+
+    bn_c, out_c, gx_c = run(x_clean)
+    bn_b, out_b, gx_b = run(x_bad)
+    torch.testing.assert_close(out_b, out_c, rtol=0, atol=0)
+    for grad in (gx_b, bn_b.weight.grad, bn_b.bias.grad):
+        assert torch.isfinite(grad).all()
+    assert gx_b[~mask].eq(0).all() and gx_c[~mask].eq(0).all()
+    torch.testing.assert_close(gx_b, gx_c, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn_b.weight.grad, bn_c.weight.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn_b.bias.grad, bn_c.bias.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn_b.running_mean, bn_c.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn_b.running_var, bn_c.running_var, rtol=0, atol=0)
+    if training:  # the reference: nn.BatchNorm1d on the real tokens only, (N, D)
+        ref = _ref_bn(bn_b)
+        xr = x[mask].clone().requires_grad_(True)
+        out_r = ref(xr)
+        out_r.backward(g[mask])
+        torch.testing.assert_close(out_b[mask], out_r.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx_b[mask], xr.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn_b.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn_b.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
