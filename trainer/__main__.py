@@ -25,7 +25,9 @@ def _multirun_job() -> tuple[bool, str]:
     if not HydraConfig.initialized():
         return False, ""
     hc = HydraConfig.get()
-    return hc.mode == RunMode.MULTIRUN, f"job {hc.job.num} ({' '.join(hc.overrides.task)})"
+    if hc.mode != RunMode.MULTIRUN:
+        return False, ""
+    return True, f"job {hc.job.num} ({' '.join(hc.overrides.task)})"
 
 
 def _record_failure(cfg: DictConfig, message: str, exit_code: int) -> float:

@@ -6,6 +6,7 @@ no per-step Python or tokenizer work.
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import glob
 import hashlib
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,9 +28,10 @@ PAD, BOS, EOS, MASK = 256, 257, 258, 259
 SENTINEL0 = 260  # span corruption: sentinel i is SENTINEL0 + i
 VOCAB_SIZE = 384  # 124 sentinels; a multiple of 64 keeps the embedding/head matmuls aligned
 NUM_SENTINELS = VOCAB_SIZE - SENTINEL0
-_FORMAT_VERSION = 1  # bump when tokenization or packing changes (invalidates caches)
-_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
-             ".parquet": "parquet"}
+_FORMAT_VERSION = 2  # bump when tokenization or packing changes (invalidates caches)
+_RAW_EXTS = (".md", ".text", ".txt")  # read as raw bytes, one document per file
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # read by `datasets`
+_READ_CHUNK = 1 << 24  # .json/.jsonl are checked (and transcoded) in chunks, not whole in memory
 
 
 @dataclass
@@ -57,57 +60,186 @@ def stdlib_files(max_files: int | None = None) -> list[str]:
 
 
 def _tokenize_and_pack(batch: dict, seq_len: int, field: str) -> dict:
-    """`datasets.map` function: documents -> rows of `seq_len + 1` tokens.
+    """`datasets.map` function: documents (bytes, exactly as the model sees them) -> rows of
+    `seq_len + 1` tokens.
 
-    Each document is BOS + utf-8 bytes + EOS; documents are concatenated and cut into blocks
-    (the tail that does not fill a block is dropped).
+    Each document is BOS + its bytes + EOS; documents are concatenated and cut into blocks
+    (the tail that does not fill a block is dropped). Empty documents are skipped.
     """
     parts = []
-    for text in batch[field]:
-        if text:
-            parts += [np.array([BOS], np.int16), np.frombuffer(text.encode("utf-8", "replace"), np.uint8).astype(np.int16),
+    for doc in batch[field]:
+        if doc:
+            assert isinstance(doc, bytes), type(doc)  # _load_documents gives bytes, never str
+            parts += [np.array([BOS], np.int16), np.frombuffer(doc, np.uint8).astype(np.int16),
                       np.array([EOS], np.int16)]
     flat = np.concatenate(parts) if parts else np.zeros(0, np.int16)
     n = len(flat) // (seq_len + 1)
     return {"input_ids": flat[: n * (seq_len + 1)].reshape(n, seq_len + 1)}
 
 
-def _load_documents(cfg: DataConfig):
-    """The raw documents as a `datasets.Dataset` with a text column."""
+def _check_codec(encoding: str | None) -> None:
+    if encoding is None:
+        return
+    try:
+        text = getattr(codecs.lookup(encoding), "_is_text_encoding", True)  # not e.g. "hex", "zlib"
+    except LookupError:
+        text = False
+    if not text:
+        raise ConfigError(f"data.encoding={encoding!r} is not a text codec Python knows; use a name such as "
+                          f"utf-8, latin-1 or cp1252, or null to take text files byte for byte.")
+
+
+def _decode_error(where: str, encoding: str, offset: int, bad: bytes) -> ConfigError:
+    what = "is not valid UTF-8" if encoding == "utf-8" else f"cannot be decoded with data.encoding={encoding}"
+    return ConfigError(f"{where} {what} at byte offset {offset} (byte {' '.join(f'0x{b:02x}' for b in bad[:4])}); "
+                       f"set data.encoding=<codec> to its encoding (e.g. data.encoding=latin-1).")
+
+
+def _decoded(raw: bytes, encoding: str, where: str) -> str:
+    """`raw` decoded with `encoding`; a failure names `where` and the byte offset."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise _decode_error(where, encoding, e.start, e.object[e.start:e.end]) from None
+
+
+def _utf8(text: str, where: str) -> bytes:
+    """`text` as UTF-8, strictly (a lone surrogate is refused, never replaced)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{where} holds a lone surrogate at character {e.start}, which UTF-8 cannot "
+                          f"encode; set data.encoding to the data's real encoding.") from None
+
+
+def _transcode(raw: bytes, encoding: str | None, where: str) -> bytes:
+    """The bytes the model sees: `raw` as is (no encoding), or decoded with `encoding` and UTF-8 encoded."""
+    return raw if encoding is None else _utf8(_decoded(raw, encoding, where), where)
+
+
+def _read_files(files: list[str], encoding: str | None, where: str) -> list[bytes]:
+    """Each file's bytes, exactly as on disk (or transcoded to UTF-8 from `encoding`)."""
+    docs = []
+    for f in files:
+        with open(f, "rb") as fh:
+            docs.append(_transcode(fh.read(), encoding, f"{where} {f}"))
+    return docs
+
+
+def _json_inputs(files: list[str], encoding: str | None, tmp_dir: str) -> list[str]:
+    """The .json/.jsonl files for the json builder (which parses UTF-8): each one streamed through
+    its codec (UTF-8 unless `data.encoding`; a failure names the byte offset), and transcoded to a
+    UTF-8 copy in `tmp_dir` when the codec is another one."""
+    codec = encoding or "utf-8"
+    is_utf8 = codecs.lookup(codec).name == "utf-8"
+    out = []
+    for i, f in enumerate(files):
+        copy = None if is_utf8 else os.path.join(tmp_dir, f"{i}{os.path.splitext(f)[1]}")
+        decoder, offset = codecs.getincrementaldecoder(codec)(), 0
+        with open(f, "rb") as src, open(copy or os.devnull, "wb") as dst:
+            while True:
+                chunk = src.read(_READ_CHUNK)
+                pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
+                try:
+                    text = decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    raise _decode_error(f"data.files: {f}", codec, offset - pending + e.start,
+                                        e.object[e.start:e.end]) from None
+                if copy:
+                    dst.write(_utf8(text, f"data.files: {f}"))
+                if not chunk:
+                    break
+                offset += len(chunk)
+        out.append(copy or f)
+    return out
+
+
+def _as_bytes(ds, field: str, encoding: str | None, where: str):
+    """`ds` with column `field` as bytes exactly as given: a string column by its UTF-8 bytes
+    (Arrow strings are UTF-8, so this is a cast), a binary column as is or transcoded from `encoding`."""
     import datasets
 
-    datasets.disable_progress_bars()
-    hf_cache = os.path.join(os.path.expanduser(cfg.cache_dir), "hf")
-    if cfg.source == "stdlib":
-        files = stdlib_files(cfg.max_files)
-        texts = [open(f, encoding="utf-8", errors="replace").read() for f in files]
-        return datasets.Dataset.from_dict({"path": files, cfg.text_field: texts})
-    if cfg.source == "text":
-        files = [os.path.expanduser(f) for f in cfg.files]
-        for f in files:
-            if not os.path.isfile(f):
-                raise ConfigError(f"data.files: no such file {f!r}.")
-        exts = {os.path.splitext(f)[1].lower() for f in files}
-        if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
-            raise ConfigError(f"data.files must all share one of the extensions "
-                              f"{', '.join(sorted(_BUILDERS))}; got {', '.join(sorted(exts))}.")
-        builder = _BUILDERS[exts.pop()]
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
+    feature = ds.features[field]
+    dtype = feature.dtype if isinstance(feature, datasets.Value) else None
+    if dtype in ("string", "large_string"):
+        return ds.cast_column(field, datasets.Value(dtype.replace("string", "binary")))
+    if dtype in ("binary", "large_binary"):
+        if encoding is None:
+            return ds
+
+        def transcode(batch: dict, idx: list[int]) -> dict:
+            return {field: [None if b is None else _transcode(b, encoding, f"{where}: row {i} of column {field!r}")
+                            for b, i in zip(batch[field], idx)]}
+        return ds.map(transcode, batched=True, with_indices=True)
+    raise ConfigError(f"data.text_field={field!r} is a column of {feature}, not text; columns: "
+                      f"{', '.join(ds.column_names)}.")
+
+
+def _check_field(ds, field: str) -> None:
+    if field not in ds.column_names:
+        raise ConfigError(f"data.text_field={field!r} is not a column of the data; "
+                          f"columns: {', '.join(ds.column_names)}.")
+
+
+def _load_files(cfg: DataConfig, hf_cache: str):
+    """data=text: .txt/.md/.text read byte for byte (one document per file); .json/.jsonl/.parquet
+    through the `datasets` builders."""
+    import datasets
+
+    files = [os.path.expanduser(f) for f in cfg.files]
+    for f in files:
+        if not os.path.isfile(f):
+            raise ConfigError(f"data.files: no such file {f!r}.")
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    valid = sorted((*_RAW_EXTS, *_BUILDERS))
+    if len(exts) != 1 or next(iter(exts)) not in valid:
+        raise ConfigError(f"data.files must all share one of the extensions "
+                          f"{', '.join(valid)}; got {', '.join(sorted(exts))}.")
+    ext = exts.pop()
+    if ext in _RAW_EXTS:
+        ds = datasets.Dataset.from_dict({"text": _read_files(files, cfg.encoding, "data.files:")},
+                                        features=datasets.Features({"text": datasets.Value("large_binary")}))
+        _check_field(ds, cfg.text_field)
+        return ds
+    builder = _BUILDERS[ext]
+    os.makedirs(hf_cache, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix="utf8-", dir=hf_cache)  # a fresh path: the builder caches by path
+    try:
+        inputs = _json_inputs(files, cfg.encoding, tmp_dir) if builder == "json" else files
         try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache, **kwargs)
+            ds = datasets.load_dataset(builder, data_files=inputs, split="train", cache_dir=hf_cache)
         except Exception as e:  # malformed json/parquet: name the files, not a traceback
             raise ConfigError(f"data.files could not be read as {builder}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}".rstrip(": ") + ".") from e
-    else:
-        try:
-            ds = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split, cache_dir=hf_cache)
-        except Exception as e:
-            raise ConfigError(f"data.name={cfg.name!r} could not be loaded from the Hugging Face hub "
-                              f"(offline, or no such dataset/split?): {type(e).__name__}.") from e
-    if cfg.text_field not in ds.column_names:
-        raise ConfigError(f"data.text_field={cfg.text_field!r} is not a column of the data; "
-                          f"columns: {', '.join(ds.column_names)}.")
-    return ds
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    _check_field(ds, cfg.text_field)
+    return _as_bytes(ds, cfg.text_field, cfg.encoding, "data.files")
+
+
+def _load_documents(cfg: DataConfig):
+    """The raw documents as a `datasets.Dataset` whose `cfg.text_field` column holds bytes: exactly
+    the bytes of each file (or, with `data.encoding`, the file decoded with it, UTF-8 encoded)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    _check_codec(cfg.encoding)
+    hf_cache = os.path.join(os.path.expanduser(cfg.cache_dir), "hf")
+    if cfg.source == "stdlib":
+        files = stdlib_files(cfg.max_files)
+        return datasets.Dataset.from_dict(
+            {"path": files, cfg.text_field: _read_files(files, cfg.encoding, "data=stdlib:")},
+            features=datasets.Features({"path": datasets.Value("string"),
+                                        cfg.text_field: datasets.Value("large_binary")}))
+    if cfg.source == "text":
+        return _load_files(cfg, hf_cache)
+    try:
+        ds = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split, cache_dir=hf_cache)
+    except Exception as e:
+        raise ConfigError(f"data.name={cfg.name!r} could not be loaded from the Hugging Face hub "
+                          f"(offline, or no such dataset/split?): {type(e).__name__}.") from e
+    _check_field(ds, cfg.text_field)
+    return _as_bytes(ds, cfg.text_field, cfg.encoding, f"data.name={cfg.name!r}")
 
 
 def _cache_key(cfg: DataConfig, seed: int) -> str:
@@ -118,7 +250,7 @@ def _cache_key(cfg: DataConfig, seed: int) -> str:
                  for f in cfg.files if os.path.isfile(os.path.expanduser(f))]
     else:
         ident = [cfg.name, cfg.subset, cfg.split]
-    blob = json.dumps([_FORMAT_VERSION, cfg.source, ident, cfg.text_field, cfg.seq_len,
+    blob = json.dumps([_FORMAT_VERSION, cfg.source, ident, cfg.text_field, cfg.encoding, cfg.seq_len,
                        cfg.val_fraction, seed], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
