@@ -6,7 +6,7 @@ import torch.nn as nn
 from models.blocks import Block, FeedForward, MultiHeadAttention
 from models.norm import build_norm
 from models.position import build_position
-from models.transformer import Stack, Transformer, init_weights
+from models.transformer import EMBED_STD, Stack, Transformer, init_weights
 
 
 def _stack(model_cfg, attention_cfg, position_cfg, norm_cfg, *, num_layers: int, causal: bool,
@@ -27,7 +27,10 @@ def _stack(model_cfg, attention_cfg, position_cfg, norm_cfg, *, num_layers: int,
     position = build_position(position_cfg.kind, d_model=m.d_model, num_heads=m.num_heads,
                               head_dim=m.d_model // m.num_heads, max_len=max_len, causal=causal,
                               num_buckets=position_cfg.num_buckets, max_distance=position_cfg.max_distance,
-                              rope_base=position_cfg.rope_base)
+                              rope_base=position_cfg.rope_base,
+                              # Sinusoids (RMS 1/sqrt 2) on the token embedding's scale: the same
+                              # token:position ratio as Vaswani et al.'s sqrt(d)-scaled embeddings.
+                              sinusoidal_scale=EMBED_STD)
     # Pre-norm leaves the residual stream un-normalized: a final norm puts it on the head's scale.
     final = make_norm() if norm_cfg.placement == "pre" else None
     return Stack(blocks, position, final, causal=causal, dropout=m.dropout)
@@ -51,7 +54,7 @@ def build_model(model_cfg, attention_cfg, position_cfg, norm_cfg, *, vocab_size:
         n = m.num_decoder_layers or m.num_layers if m.arch == "encoder_decoder" else m.num_layers
         decoder = _stack(**kw, num_layers=n, causal=True, cross=m.arch == "encoder_decoder")
     model = Transformer(m.arch, vocab_size, m.d_model, encoder, decoder, tie_embeddings=m.tie_embeddings)
-    init_weights(model, m.num_layers + (m.num_decoder_layers or 0))
+    init_weights(model)
     return model
 
 

@@ -80,9 +80,9 @@ class SinusoidalPosition(Position):
 
     kind = "sinusoidal"
 
-    def __init__(self, d_model: int, max_len: int) -> None:
+    def __init__(self, d_model: int, max_len: int, scale: float = 1.0) -> None:
         super().__init__()
-        self.d_model = d_model
+        self.d_model, self.scale = d_model, scale
         # Non-persistent: it is a pure function of the shape, so checkpoints need not carry it.
         self.register_buffer("table", sinusoidal_table(max_len, d_model), persistent=False)
 
@@ -98,7 +98,10 @@ class SinusoidalPosition(Position):
     def embed(self, x: Tensor, offset: int = 0) -> Tensor:
         t = x.shape[1]
         table = self._table(offset + t, x.device)
-        return x + table[offset : offset + t].to(x.dtype)  # (T, D) broadcasts over B
+        pos = table[offset : offset + t]
+        if self.scale != 1.0:
+            pos = pos * self.scale
+        return x + pos.to(x.dtype)  # (T, D) broadcasts over B
 
 
 class LearnedPosition(Position):
@@ -263,14 +266,18 @@ def build_position(
     num_buckets: int = 32,
     max_distance: int = 128,
     rope_base: float = 10000.0,
+    sinusoidal_scale: float = 1.0,
 ) -> Position:
     """Build the positional scheme named ``kind`` (one of ``POSITIONS``).
+
+    ``sinusoidal_scale`` multiplies the sinusoidal table (whose entries are sines and cosines of
+    RMS 1/sqrt(2)), so positions can be put on the token embedding's scale.
 
     Raises:
         ValueError: Unknown ``kind``, or an odd ``head_dim`` for rope.
     """
     if kind == "sinusoidal":
-        return SinusoidalPosition(d_model, max_len)
+        return SinusoidalPosition(d_model, max_len, sinusoidal_scale)
     if kind == "learned":
         return LearnedPosition(d_model, max_len)
     if kind == "relative":

@@ -42,13 +42,12 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(vocab_size, d_model)
         self.encoder, self.decoder = encoder, decoder
         self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
-        # Embeddings are initialised at std d^-1/2 and scaled by sqrt(d) on the way in (Vaswani et
-        # al.): token vectors then have unit-size entries, on the scale of sinusoidal positions, and
-        # the tied head sees weights of std d^-1/2, which keeps initial logits near unit variance.
-        self.embed_scale = math.sqrt(d_model)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed(tokens) * self.embed_scale  # (B, T, D)
+        # GPT-2 / nanoGPT: the embedding enters unscaled. (Scaling it by sqrt(d) as Vaswani et al.
+        # do makes the residual stream the input token's own vector at init, and the tied head then
+        # predicts the input token with a logit of ~sqrt(d): a step-1 loss of ~11 nats, not ln V.)
+        return self.embed(tokens)  # (B, T, D)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) hidden states -> (..., vocab) logits."""
@@ -84,16 +83,29 @@ class Transformer(nn.Module):
         return self.logits(hidden) if head else hidden
 
 
-def init_weights(model: Transformer, num_layers: int) -> None:
-    """GPT-2 style init for linears: N(0, 0.02), residual output projections scaled by
-    1/sqrt(2 * layers); the token embedding N(0, d^-1/2) (see `Transformer.embed_scale`).
+EMBED_STD = 0.02  # GPT-2's init std for token (and learned position) embeddings
 
-    Only linear layers and the token embedding: norms and position modules keep their own init.
+
+def init_weights(model: Transformer) -> None:
+    """GPT-2 init (Radford et al. 2019; nanoGPT's `_init_weights`): every linear and the token
+    embedding N(0, 0.02), biases zero, and the projections that write into a stack's residual
+    stream (attention `out`, feed-forward `down`) N(0, 0.02 / sqrt(2 * L)) with L the number of
+    blocks of *that* stack, so the stream's variance does not grow with its depth (an encoder-
+    decoder's encoder and decoder each count their own blocks).
+
+    Only linear layers and the token embedding: norms and position modules keep their own init
+    (learned positions N(0, 0.02); the sinusoidal table is scaled to the embedding's std by
+    `models.build`).
     """
-    nn.init.normal_(model.embed.weight, std=model.d_model**-0.5)
+    nn.init.normal_(model.embed.weight, std=EMBED_STD)
+    depth = {}
+    for stack in (model.encoder, model.decoder):
+        if stack is not None:
+            depth.update({id(m): len(stack.blocks) for m in stack.modules()})
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            residual_out = name.endswith((".out", ".down"))
-            nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * num_layers) if residual_out else 0.02)
+            residual_out = name.endswith((".out", ".down")) and id(module) in depth
+            std = EMBED_STD / math.sqrt(2 * depth[id(module)]) if residual_out else EMBED_STD
+            nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

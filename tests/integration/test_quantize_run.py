@@ -16,8 +16,29 @@ from trainer.run import run
 SHORT = ["trainer.threads=1", "model.d_model=64", "model.d_ff=128", "trainer.max_steps=30", "trainer.eval_every=30",
          "trainer.log_every=1", "trainer.checkpoint_every=30", "optim.lr=3e-3", "schedule.warmup_steps=5",
          "trainer.eval_batches=3", "quantize.eval_batches=3", "quantize.latency_batches=2"]
-# Max |quantized - fp32| eval loss, nats.
-MARGIN = {"dynamic_int8": 0.1, "weight_int8": 0.1, "qat_int8": 0.1, "weight_int4": 0.3}
+# Max |quantized - fp32| eval loss, nats: a few times what was measured (printed by the test).
+# Measured on this config (2-core AVX2 CPU, torch 2.13) with the held-out sample of 8f32aba:
+# dynamic_int8 +7.6e-5, weight_int8 +4.1e-5, qat_int8 +4.5e-5, weight_int4 +9.1e-4 (before it, with
+# "the first N blocks": -1.5e-5, -1.9e-5, -6.8e-6, -6.7e-4). About 4x the larger of the two.
+MARGIN = {"dynamic_int8": 3e-4, "weight_int8": 2e-4, "qat_int8": 2e-4, "weight_int4": 4e-3}
+SERIALIZATION_OVERHEAD = 512  # torch.save bytes per tensor beyond its data (zip entry, name, alignment): ~300-400
+
+
+def _expected_bytes(cfg, method: str) -> tuple[int, int, int]:
+    """(data bytes, tensor count, parameter count) of the block linears, from the config alone:
+    fp32 4 bytes/weight; int8 1 byte/weight + one fp32 scale per output row; int4 half a byte/weight
+    + an fp16 scale and an fp16 zero per group of quantize.group_size inputs."""
+    m = cfg.model
+    kv, dh = m.num_kv_heads or m.num_heads, m.d_model // m.num_heads
+    up = (2 if m.activation == "swiglu" else 1) * m.d_ff
+    shapes = [((m.num_heads + 2 * kv) * dh, m.d_model), (m.d_model, m.num_heads * dh), (up, m.d_model),
+              (m.d_model, m.d_ff)] * m.num_layers  # (out, in) of qkv, out, up, down in every block
+    weights = sum(n * k for n, k in shapes)
+    if method == "fp32":
+        return 4 * weights, len(shapes), weights
+    if method == "weight_int4":
+        return weights // 2 + 2 * 2 * (weights // cfg.quantize.group_size), 3 * len(shapes), weights
+    return weights + 4 * sum(n for n, _ in shapes), 2 * len(shapes), weights
 
 
 @pytest.mark.parametrize("method", ["dynamic_int8", "weight_int8", "weight_int4", "qat_int8"])
@@ -30,7 +51,29 @@ def test_quantize_method_end_to_end(make_cfg, tmp_path, method: str) -> None:
         assert math.isfinite(report[key]) and report[key] >= 0, key
     assert report["size_ratio"] > 1.2  # the embedding stays fp32, so the whole model shrinks less than 4x
     assert report["linears_ratio"] > (5.0 if method == "weight_int4" else 3.5)
+    print(f"{method}: loss_delta {report['loss_delta']:+.3e} (margin {MARGIN[method]})")
     assert abs(report["loss_delta"]) < MARGIN[method], report["loss_delta"]
+    assert report["loss_delta"] == pytest.approx(report["eval_loss"] - report["fp32"]["eval_loss"], abs=1e-12)
+    # Ratios are the report's own numbers divided: latency fp32 / quantized, size fp32 / quantized.
+    fp32_row = report["variants"]["fp32"]
+    quant_row = report["variants"]["qat_int8 -> dynamic_int8" if method == "qat_int8" else method]
+    assert report["speedup"] == pytest.approx(report["fp32"]["latency_ms"] / report["latency_ms"], rel=1e-9)
+    assert report["size_ratio"] == pytest.approx(report["fp32"]["size_mb"] / report["size_mb"], rel=1e-9)
+    assert report["linears_ratio"] == pytest.approx(fp32_row["linears_mb"] / quant_row["linears_mb"], rel=1e-9)
+    assert quant_row["size_mb"] == report["size_mb"] and quant_row["latency_ms"] == report["latency_ms"]
+    # Sizes against bytes counted from the config: data bytes plus torch.save's bounded per-tensor
+    # overhead; the embedding and norms stay fp32 (4 bytes per parameter) in every variant.
+    quant_method = "dynamic_int8" if method == "qat_int8" else method
+    other_tensors = 1 + 4 * cfg.model.num_layers + 2  # embedding, two layernorms per block, final norm
+    for variant, row in (("fp32", fp32_row), (quant_method, quant_row)):
+        data, tensors, weights = _expected_bytes(cfg, variant)
+        other = 4 * (summary["parameters"] - weights)
+        assert data <= row["linears_mb"] * 1e6 <= data + SERIALIZATION_OVERHEAD * tensors, (variant, row)
+        assert data + other <= row["size_mb"] * 1e6 <= \
+            data + other + SERIALIZATION_OVERHEAD * (tensors + other_tensors), (variant, row)
+    # The saved file's tensors hold exactly those data bytes (int8 / packed int4, fp32 / fp16 scales).
+    saved_weights = torch.load(tmp_path / f"model_{method}.pt", weights_only=True)
+    assert sum(t.numel() * t.element_size() for t in saved_weights.values()) == data + other
     assert report["fp32"]["eval_loss"] == pytest.approx(summary["eval/loss"], abs=1e-4)  # same batches as eval
 
     saved = json.loads((tmp_path / "summary.json").read_text())
