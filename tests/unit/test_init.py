@@ -1,0 +1,82 @@
+"""An untrained model is not confidently wrong: its first loss is near ln(vocab) for every
+architecture x position x norm x placement, at the suite's tiny size and the default size."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from models.build import build_model
+from trainer.config import resolve_objective
+from trainer.data import BOS, EOS, VOCAB_SIZE
+from trainer.objectives import build_objective
+
+SIZES = {"tiny": ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.d_ff=128"],
+         "default": ["model.d_model=192", "model.num_layers=4", "model.num_heads=6", "model.d_ff=768"]}
+
+
+def _blocks(rows: int, length: int) -> torch.Tensor:
+    """Real text as the trainer packs it (BOS + utf-8 bytes + EOS), cut into blocks."""
+    text = open(__file__, "rb").read()
+    ids = torch.tensor([BOS, *text[: rows * length - 2], EOS], dtype=torch.long)
+    return ids.view(rows, length)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_first_loss_is_near_uniform_for_every_component_choice(size):
+    blocks = _blocks(4, 65)
+    worst = []
+    for arch, pos, norm, place in itertools.product(
+            ["decoder", "encoder", "encoder_decoder"], ["sinusoidal", "learned", "relative", "rope", "alibi", "none"],
+            ["layernorm", "rmsnorm", "batchnorm"], ["pre", "post"]):
+        cfg = compose_cfg(*SIZES[size], f"model={arch}", f"position={pos}", f"norm={norm}",
+                          f"norm.placement={place}", "data.seq_len=64")
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE, max_len=64)
+        objective = build_objective(resolve_objective(arch, "auto"), cfg.objective)
+        batch = objective.prepare(blocks, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            loss_sum, _ = objective.loss(model, batch)
+        worst.append((abs(loss_sum.item() / objective.num_targets(batch) - math.log(VOCAB_SIZE)),
+                      arch, pos, norm, place))
+    worst.sort()
+    assert worst[-1][0] < 0.5, worst[-5:]
+
+
+def test_embedding_is_gpt2_initialised_and_unscaled():
+    """N(0, 0.02) token embedding entering the stack as is (GPT-2), sinusoids on the same scale."""
+    cfg = compose_cfg("model.d_model=256", "model.num_layers=3", "model.num_heads=4", "model.d_ff=512")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE, max_len=32)
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    tokens = torch.randint(0, 256, (2, 8))
+    assert torch.equal(model._embed(tokens), model.embed(tokens))
+    x = torch.zeros(1, 8, 256)
+    pos = model.decoder.position.embed(x)[0]
+    assert pos.pow(2).mean().sqrt().item() == pytest.approx(0.02 / math.sqrt(2), rel=0.02)
+    # residual projections: 0.02 / sqrt(2 * 3)
+    assert model.decoder.blocks[0].ffn.down.weight.std().item() == pytest.approx(0.02 / math.sqrt(6), rel=0.05)
+    assert model.decoder.blocks[0].ffn.up.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_encoder_decoder_scales_each_stack_by_its_own_depth():
+    """The same architecture whether num_decoder_layers is left to default or written out, and
+    each stack's residual projections scaled by its own depth."""
+    a = compose_cfg("model=encoder_decoder", "model.num_layers=2")
+    b = compose_cfg("model=encoder_decoder", "model.num_layers=2", "model.num_decoder_layers=2")
+    c = compose_cfg("model=encoder_decoder", "model.num_layers=2", "model.num_decoder_layers=8",
+                    "model.d_model=256", "model.d_ff=1024")
+    models = []
+    for cfg in (a, b):
+        torch.manual_seed(0)
+        models.append(build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE, max_len=32))
+    for (k, v), (_, w) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        assert torch.equal(v, w), k
+    torch.manual_seed(0)
+    m = build_model(c.model, c.attention, c.position, c.norm, vocab_size=VOCAB_SIZE, max_len=32)
+    enc = torch.cat([b.ffn.down.weight.flatten() for b in m.encoder.blocks]).std().item()
+    dec = torch.cat([b.ffn.down.weight.flatten() for b in m.decoder.blocks]).std().item()
+    assert enc == pytest.approx(0.02 / 2, rel=0.03) and dec == pytest.approx(0.02 / 4, rel=0.03)
