@@ -147,7 +147,9 @@ def load_quantized(path: str, cfg, method: str | None = None) -> nn.Module:
         method: the quantization in the file; default cfg.quantize.method.
     """
     model = apply_ptq(build_init_model(cfg), method or cfg.quantize.method, cfg.quantize.group_size)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    from trainer.checkpoint import safe_load
+
+    model.load_state_dict(safe_load(path, what="quantized weights"))
     return model.eval()
 
 

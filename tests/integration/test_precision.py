@@ -97,16 +97,16 @@ def test_fp16_overflow_skips_halve_the_scale_and_freeze_the_schedule(tmp_path):
 
 
 def test_fp16_schedule_advances_only_on_steps_taken(tmp_path):
-    """init_scale=1e8: the first steps overflow, later ones update. The lr each step uses is the
+    """init_scale=1e6: the first steps overflow, later ones update. The lr each step uses is the
     schedule at the number of updates taken before it; the scale halves exactly on skips only."""
     steps, warmup = 12, 3
-    cfg = compose_cfg("precision=fp16", "precision.init_scale=1e8", f"trainer.max_steps={steps}",
+    cfg = compose_cfg("precision=fp16", "precision.init_scale=1e6", f"trainer.max_steps={steps}",
                       f"schedule.warmup_steps={warmup}", "trainer.log_every=1", "trainer.eval_every=100",
                       "trainer.checkpoint_every=100")
     summary = run(cfg, run_dir=str(tmp_path))
     scalars = read_scalars(str(tmp_path))
     skipped = [0.0] + _series(scalars, "train/skipped_steps", steps)  # skipped[s]: after step s
-    scale = [float(torch.tensor(1e8, dtype=torch.float32))] + _series(scalars, "train/loss_scale", steps)
+    scale = [float(torch.tensor(1e6, dtype=torch.float32))] + _series(scalars, "train/loss_scale", steps)
     lr = _series(scalars, "train/lr", steps)
     assert summary["skipped_steps"] == skipped[-1]
     assert 1 <= skipped[-1] <= steps - 3, skipped  # both kinds of step happened

@@ -100,14 +100,16 @@ def test_run_dir_outputs_and_tensorboard(make_cfg, tmp_path):
 @pytest.mark.parametrize("arch,objective,uniform", [("encoder", "mlm", True), ("encoder_decoder", "span", True),
                                                      ("encoder", "contrastive", False)])
 def test_each_objective_learns(make_cfg, tmp_path, arch, objective, uniform):
-    steps = 60 if uniform else 150
+    # The recipes themselves (masking statistics, T5 structure, InfoNCE) are checked against their
+    # reference definitions in tests/unit/test_objectives.py; this checks that each one trains.
+    steps, window = (60, 5) if uniform else (150, 25)  # contrastive losses are noisy: 25-step means
     cfg = make_cfg(f"model={arch}", f"objective={objective}", "model.d_model=64", "model.d_ff=128",
                    "data.seq_len=64", "trainer.batch_size=16", f"trainer.max_steps={steps}",
-                   f"trainer.eval_every={steps}", "trainer.log_every=5", "optim.lr=3e-3",
-                   "trainer.checkpoint_every=1000")
+                   f"trainer.eval_every={steps}", f"trainer.log_every={window}",
+                   f"optim.lr={3e-3 if uniform else 1e-3}", "trainer.checkpoint_every=1000")
     summary = run(cfg, run_dir=str(tmp_path))
     losses = read_scalars(str(tmp_path))["train/loss"]
-    assert losses[steps] < losses[5] - 0.2, losses
+    assert losses[steps] < losses[window] - 0.2, losses
     if uniform:
         assert summary["eval/loss"] < math.log(256) - 1.0
     else:  # contrastive: the in-batch InfoNCE loss falls clearly below chance, ln 16
