@@ -37,13 +37,16 @@ class Logger:
         else:
             self.plain = progress
 
-    def config(self, text_yaml: str, hparams: dict[str, Any]) -> None:
-        """The resolved config as text, and hparams for TensorBoard's HParams tab."""
+    def config(self, text_yaml: str, hparams: dict[str, Any], step: int = 0) -> None:
+        """The resolved config as text at `step` (a resume adds its own config at its start step,
+        beside the original's at 0), and hparams for TensorBoard's HParams tab (once per run)."""
         if not self.writer:
             return
         from torch.utils.tensorboard.summary import hparams as hp
 
-        self.writer.add_text("config", "```\n" + text_yaml + "\n```", 0)
+        self.writer.add_text("config", "```\n" + text_yaml + "\n```", step)
+        if step > 0:
+            return
         # Written into this run's own event file (add_hparams would make a sub-run per call).
         exp, ssi, sei = hp(hparams, {"eval/loss": 0.0, "eval/accuracy": 0.0})
         fw = self.writer._get_file_writer()
