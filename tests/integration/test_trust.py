@@ -243,3 +243,17 @@ def test_sigterm_during_evaluation_saves_without_finishing_it(tmp_path):
     step = int(stopped.stem.split("_")[1])
     evals = read_scalars(str(run_dir)).get("eval/loss", {})
     assert step not in evals, (step, evals)
+
+
+def test_resume_after_a_crash_past_the_last_checkpoint_logs_each_step_once(make_cfg, tmp_path):
+    """A run that logged steps 1..7 but whose last complete checkpoint is step 4 (as after a crash):
+    resuming logs 5..8 again and TensorBoard shows each step once, the resumed values winning."""
+    args = ["trainer.max_steps=8", "trainer.log_every=1", "trainer.checkpoint_every=4", "trainer.keep_checkpoints=5"]
+    run(make_cfg(*args, "trainer.steps_per_run=7"), run_dir=str(tmp_path))
+    os.remove(tmp_path / "checkpoints" / "step_00000007.pt")  # the crash: step 7's save never happened
+    run(make_cfg(*args), run_dir=str(tmp_path))
+    steps = [s for s, _ in read_scalar_events(str(tmp_path))["train/loss"]]
+    assert sorted(steps) == list(range(1, 9)), steps
+    full = tmp_path / "full"
+    run(make_cfg(*args), run_dir=str(full))
+    assert _losses(tmp_path) == pytest.approx(_losses(full), abs=1e-6)
