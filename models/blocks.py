@@ -15,6 +15,37 @@ from models.attention import attention
 from models.position import Position
 
 
+class AttnCache:
+    """Keys and values one attention layer has already computed, for incremental decoding.
+
+    Self-attention appends each step's (B, Hkv, T, Dh) keys/values into a buffer that doubles
+    when full (O(1) amortized per token, no per-step copy of the whole history); cross-attention
+    stores the projected encoder memory once (`static`), so later steps skip the projection.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0  # filled positions along dim 2
+        self.static = False  # cross-attention: k/v are the whole memory, never appended to
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (B, Hkv, T, Dh) keys/values after the cached ones; returns all of them so far."""
+        t, end = k.shape[2], self.length + k.shape[2]
+        if self.k is None or end > self.k.shape[2] or self.k.dtype != k.dtype:
+            cap = max(end, 2 * (self.k.shape[2] if self.k is not None else 0), 16)
+            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_empty(new_k.shape)
+            if self.k is not None and self.length:
+                new_k[:, :, : self.length] = self.k[:, :, : self.length]
+                new_v[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head (optionally grouped-query) self- or cross-attention.
 
@@ -36,17 +67,33 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, position: Position, *, causal: bool,
                 key_padding_mask: torch.Tensor | None = None, rel_bias: torch.Tensor | None = None,
-                memory: torch.Tensor | None = None) -> torch.Tensor:
+                memory: torch.Tensor | None = None, cache: AttnCache | None = None) -> torch.Tensor:
+        """Attend from `x` (B, T, D) to itself or to `memory` (B, S, D).
+
+        With `cache`, self-attention's `x` holds the tokens after the `cache.length` cached
+        ones: they are rotated at their absolute positions, appended, and attend to every cached
+        key (the caller passes the matching `causal` and `rel_bias`); cross-attention projects
+        `memory` on the first call only.
+        """
         B, T, _ = x.shape
         if memory is None:
             qkv = self.qkv(x).view(B, T, self.h + 2 * self.hkv, self.dh).transpose(1, 2)  # (B, H+2Hkv, T, Dh)
             q, k, v = qkv.split([self.h, self.hkv, self.hkv], dim=1)
-            q, k = position.rotate(q, k)
+            if cache is None:
+                q, k = position.rotate(q, k)
+            else:
+                q, k = position.rotate(q, k, offset=cache.length)  # absolute positions of the new tokens
+                k, v = cache.append(k, v)  # (B, Hkv, cached + T, Dh)
         else:
-            S = memory.shape[1]
             q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
-            kv = self.kv(memory).view(B, S, 2 * self.hkv, self.dh).transpose(1, 2)  # (B, 2Hkv, S, Dh)
-            k, v = kv.split([self.hkv, self.hkv], dim=1)
+            if cache is not None and cache.static:
+                k, v = cache.k, cache.v
+            else:
+                S = memory.shape[1]
+                kv = self.kv(memory).view(B, S, 2 * self.hkv, self.dh).transpose(1, 2)  # (B, 2Hkv, S, Dh)
+                k, v = kv.split([self.hkv, self.hkv], dim=1)
+                if cache is not None:
+                    cache.k, cache.v, cache.length, cache.static = k, v, S, True
         y = attention(q, k, v, kernel=self.kernel, causal=causal, rel_bias=rel_bias,
                       key_padding_mask=key_padding_mask,
                       dropout_p=self.attn_dropout if self.training else 0.0, block_size=self.block_size)
@@ -98,10 +145,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, position: Position, *, causal: bool, mask: torch.Tensor | None = None,
                 rel_bias: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+                memory_mask: torch.Tensor | None = None,
+                cache: tuple[AttnCache, AttnCache] | None = None) -> torch.Tensor:
+        """`cache`: (self-attention, cross-attention) caches for incremental decoding, or None."""
+        self_cache, cross_cache = cache if cache is not None else (None, None)
         x = self._sublayer(x, lambda h: self.self_attn(h, position, causal=causal, key_padding_mask=mask,
-                                                       rel_bias=rel_bias), self.norm_attn, mask)
+                                                       rel_bias=rel_bias, cache=self_cache), self.norm_attn, mask)
         if self.cross_attn is not None:
             x = self._sublayer(x, lambda h: self.cross_attn(h, position, causal=False, key_padding_mask=memory_mask,
-                                                            memory=memory), self.norm_cross, mask)
+                                                            memory=memory, cache=cross_cache), self.norm_cross, mask)
         return self._sublayer(x, self.ffn, self.norm_ffn, mask)

@@ -7,8 +7,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.blocks import Block
+from models.blocks import AttnCache, Block
 from models.position import Position
+
+
+class KVCache:
+    """Incremental-decoding state of one stack: per block (self-attention, cross-attention)
+    caches, and `length`, the number of positions already processed."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.blocks = [(AttnCache(), AttnCache()) for _ in range(num_blocks)]
+        self.length = 0
 
 
 class Stack(nn.Module):
@@ -22,13 +31,32 @@ class Stack(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+                memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D). With `cache`, `x` holds the positions after the `cache.length`
+        already processed ones (all of a prompt at once, then one token per call)."""
         T = x.shape[1]
-        x = self.drop(self.position.embed(x))
-        rel_bias = self.position.rel_bias(T, T)  # (H, 2T-1) or None: shared by every layer
-        for block in self.blocks:
-            x = block(x, self.position, causal=self.causal, mask=mask, rel_bias=rel_bias,
-                      memory=memory, memory_mask=memory_mask)
+        if cache is None or cache.length == 0:
+            causal = self.causal
+            x = self.drop(self.position.embed(x))
+            rel_bias = self.position.rel_bias(T, T)  # (H, 2T-1) or None: shared by every layer
+        else:
+            # The new query sees every cached key, so no causal mask is needed (nor would the
+            # kernels' top-left-aligned one be right for Tq < Tk).
+            assert T == 1, "after the first call, a cache takes one position per call"
+            causal, offset = False, cache.length
+            tk = offset + T
+            x = self.drop(self.position.embed(x, offset=offset))
+            rel_bias = self.position.rel_bias(tk, tk)  # offsets -(tk-1)..tk-1 between equal-length spans
+            if rel_bias is not None:
+                # Queries at offset..tk-1, keys at 0..tk-1: the kernel's entry m = j - i + T - 1 is
+                # offset j - (offset + i) = m - (tk - 1), i.e. the first T + tk - 1 entries.
+                rel_bias = rel_bias[:, : T + tk - 1]  # (H, T + tk - 1)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.position, causal=causal, mask=mask, rel_bias=rel_bias,
+                      memory=memory, memory_mask=memory_mask,
+                      cache=cache.blocks[i] if cache is not None else None)
+        if cache is not None:
+            cache.length += T
         return self.final_norm(x, mask) if self.final_norm is not None else x
 
 
@@ -53,6 +81,23 @@ class Transformer(nn.Module):
         """(..., D) hidden states -> (..., vocab) logits."""
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(hidden, weight)
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for `decode` (decoder and encoder_decoder)."""
+        assert self.decoder is not None, f"model={self.arch} has no decoder"
+        return KVCache(len(self.decoder.blocks))
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache | None = None, memory: torch.Tensor | None = None,
+               memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder logits (B, T, V) for `tokens` (B, T), optionally cross-attending to `memory`.
+
+        Without `cache` this is `forward` (decoder) or its decoder half (encoder_decoder). With
+        one, `tokens` continue the cached positions and the cache is extended: feed the prompt,
+        then one token per call.
+        """
+        assert self.decoder is not None, f"model={self.arch} has no decoder"
+        return self.logits(self.decoder(self._embed(tokens), None, memory=memory, memory_mask=memory_mask,
+                                        cache=cache))
 
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional encoder states (B, S, D); `mask` (B, S) is True at real tokens."""

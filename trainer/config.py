@@ -114,6 +114,7 @@ class QuantizeConfig:
     group_size: int = 32  # weight_int4: weights per scale
     eval_batches: Optional[int] = None  # quality sample in batches; None: trainer.eval_batches (eval/loss's)
     latency_batches: int = 5  # forward passes timed per variant
+    compile: str = "both"  # latency rows: false (eager) | true (torch.compile) | both
 
 
 @dataclass

@@ -211,7 +211,7 @@ def _announce(logger: Logger, cfg: DictConfig, run_dir: str, resume_path: str | 
     hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in components(cfg).items()}
     hp.update({f"model.{k}": v for k, v in to_container(cfg.model).items() if v is not None})
     hp.update({"optim.lr": cfg.optim.lr, "trainer.batch_size": cfg.trainer.batch_size, "seed": cfg.seed})
-    logger.config(OmegaConf.to_yaml(cfg, resolve=True), hp)
+    logger.config(OmegaConf.to_yaml(cfg, resolve=True), hp, step)
     where = f"resuming from {resume_path} at step {step}" if resume_path else "starting"
     logger.message(f"run dir {run_dir}: {where}; {n_params / 1e6:.2f}M parameters, "
                    f"{len(corpus.train)} train / {len(corpus.val)} val blocks of {cfg.data.seq_len} tokens, "
@@ -230,6 +230,9 @@ def _finish(cfg: DictConfig, summary: dict, model: torch.nn.Module, objective, c
     if d.is_main:
         run_dir = summary["run_dir"]
         torch.save(weights, os.path.join(run_dir, "model.pt"))
+        from trainer.load import save_weights  # model.safetensors: the shareable copy, config in its header
+
+        save_weights(weights, os.path.join(run_dir, "model.safetensors"), to_container(cfg))
         if cfg.quantize.method != "none":
             summary["quantize"] = post_training_report(cfg, unwrap(model) if not sharded else None, weights,
                                                        corpus.val, objective, device, run_dir)

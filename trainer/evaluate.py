@@ -1,0 +1,155 @@
+"""`python -m trainer.evaluate run_dir=... [data=... data.files=[...]]`: a run's model on any data.
+
+The numbers come from `trainer.loop.evaluate`, the loop's own evaluation (same held-out sample,
+same fixed-seed masks, same precision), so on the run's own data they equal its final
+`eval/loss`. Printed, and written to `<run_dir>/eval_<name>.json`.
+
+    python -m trainer.evaluate run_dir=outputs/<date>/<time>                  # the run's held-out split
+    python -m trainer.evaluate run_dir=... data=text 'data.files=[notes.md]'   # other data (split=all)
+    python -m trainer.evaluate run_dir=... eval_batches=100000                  # every held-out block
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import ConfigError, DataConfig, resolve_objective
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+SPEC = {"run_dir": (str, None), "name": (str, None), "split": (str, None), "batch_size": (int, None),
+        "eval_batches": (int, None), "precision": (str, None), "device": (str, "auto"), "quantize": (str, "none")}
+
+
+def apply_data_overrides(run_cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The run's `data` config with `data=<option>` (a conf/data group) and `data.key=value`
+    overrides applied; `data.seq_len` stays the run's unless overridden."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    data = run_cfg.data
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:
+        raise ConfigError(f"bad data override in {' '.join(overrides)}: {str(e).splitlines()[0]}") from e
+    for o in parsed:
+        key, value = o.key_or_group, o.value()
+        if key == "data":
+            path = os.path.join(CONF_DIR, "data", f"{value}.yaml")
+            if not os.path.isfile(path):
+                options = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "data")) if f.endswith(".yaml"))
+                raise ConfigError(f"data={value} is not a data option; choose one of: {', '.join(options)}.")
+            seq_len = data.seq_len
+            data = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path))
+            data.seq_len = seq_len  # the model's block length
+    for o in parsed:
+        key, value = o.key_or_group, o.value()
+        if key != "data":
+            sub = key.removeprefix("data.")
+            if sub not in DataConfig.__dataclass_fields__:
+                raise ConfigError(f"{key} is not a data key; valid: "
+                                  f"{', '.join('data.' + k for k in DataConfig.__dataclass_fields__)}.")
+            try:
+                OmegaConf.update(data, sub, value, merge=False)
+            except Exception as e:
+                raise ConfigError(f"{key}={value} is not valid: {str(e).splitlines()[0]}") from e
+    return data
+
+
+def evaluate_run(model: torch.nn.Module, cfg: DictConfig, blocks: torch.Tensor, device: torch.device,
+                 precision: str, trainer_cfg) -> dict[str, float]:
+    """`trainer.loop.evaluate` on `blocks` with the run's objective: the loop's code path, in one process."""
+    from trainer.distributed import Dist
+    from trainer.loop import Loop, evaluate
+    from trainer.objectives import build_objective
+
+    objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective)
+    lp = Loop(model=model, optimizer=None, scheduler=None, scaler=None, objective=objective, stream=None,
+              val_blocks=blocks, gen=None, device=device, precision=precision, dist=Dist(), logger=None,
+              cfg=trainer_cfg, flops_per_token=0.0, mfu=None, save=None, stop_signal=lambda: 0)
+    metrics = evaluate(lp)
+    model.eval()
+    assert metrics is not None  # no stop signal in a single process
+    if objective.name == "clm":  # every target is a byte (or a document boundary): bits per byte
+        metrics["eval/bits_per_byte"] = metrics["eval/loss"] / math.log(2)
+    return metrics
+
+
+def _name(a: dict, data: DictConfig, changed: bool) -> str:
+    if a["name"]:
+        return a["name"]
+    name = data.source
+    if changed and data.source == "text" and data.files:
+        name += "_" + os.path.splitext(os.path.basename(str(data.files[0])))[0]
+    elif changed and data.source == "hub" and data.name:
+        name += "_" + str(data.name)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def run_evaluate(argv: list[str]) -> dict:
+    """Parse, load, evaluate, print and write `eval_<name>.json`; returns the report."""
+    from trainer.cli_args import parse_args
+    from trainer.data import load_corpus
+    from trainer.load import load_model
+
+    a, raw = parse_args(argv, SPEC, "python -m trainer.evaluate", passthrough=("data",))
+    if not a["run_dir"]:
+        raise ConfigError("run_dir=... is required: the directory of a finished training run.")
+    if a["split"] not in (None, "val", "train", "all"):
+        raise ConfigError(f"split={a['split']} is not valid; choose val, train or all.")
+    if a["device"] not in ("auto", "cpu", "cuda") or (a["device"] == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"device={a['device']} is not available; use auto, cpu or cuda (with a GPU).")
+    if a["precision"] not in (None, "fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision={a['precision']} is not valid; choose fp32, bf16 or fp16.")
+    device = torch.device("cuda" if a["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+    model, _, cfg = load_model(a["run_dir"], device)
+    if cfg.quantize.method == "qat_int8":  # the run evaluated its fake-quantized forward
+        from trainer.quantize import apply_qat
+
+        model = apply_qat(model, cfg.quantize)
+    if a["quantize"] != "none":
+        from trainer.quantize import apply_ptq
+
+        try:
+            model = apply_ptq(model.cpu(), a["quantize"], cfg.quantize.group_size).to(device).eval()
+        except Exception as e:  # noqa: BLE001 - any failure is one sentence
+            raise ConfigError(f"quantize={a['quantize']} could not be applied: {str(e).splitlines()[0]}") from e
+    data = apply_data_overrides(cfg, raw) if raw else cfg.data
+    corpus = load_corpus(data, cfg.seed)
+    split = a["split"] or ("all" if raw else "val")
+    blocks = {"val": corpus.val, "train": corpus.train}.get(split)
+    if blocks is None:
+        blocks = torch.cat([corpus.train, corpus.val])
+    if len(blocks) == 0:
+        raise ConfigError(f"the {split} split of that data holds no block of {data.seq_len + 1} tokens; "
+                          f"use split=all or more data.")
+    trainer_cfg = OmegaConf.merge(cfg.trainer, {k: a[k] for k in ("batch_size", "eval_batches") if a[k]})
+    precision = a["precision"] or cfg.precision.dtype
+    metrics = evaluate_run(model, cfg, blocks, device, precision, trainer_cfg)
+    name = _name(a, data, bool(raw))
+    report = {**metrics, "run_dir": os.path.abspath(a["run_dir"]), "split": split, "precision": precision,
+              "quantize": a["quantize"], "data": OmegaConf.to_container(data, resolve=True)}
+    path = os.path.join(os.path.abspath(a["run_dir"]), f"eval_{name}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    for k, v in metrics.items():
+        print(f"{k:<20} {v:.6g}" if isinstance(v, float) else f"{k:<20} {v}")
+    print(f"written to {path}", file=sys.stderr)
+    return report
+
+
+def main(argv: list[str]) -> int:
+    try:
+        run_evaluate(argv)
+    except ConfigError as e:
+        print(f"error: {str(e).rstrip('.')}.", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,310 @@
+"""Quantization on torchao: post-training methods, QAT, and the size/latency/quality report.
+
+Only the nn.Linear layers inside the transformer blocks (nearly all weights and FLOPs) are
+quantized; the token embedding (and LM head tied to it), norms and positions stay full precision.
+dynamic_int8 / weight_int8: torchao's Int8DynamicActivationInt8WeightConfig / Int8WeightOnlyConfig.
+weight_int4: torchao's Int4WeightOnlyConfig where it has a kernel (CUDA + mslk), else the fallback
+trainer.qlinear.Int4WeightLinear. qat_int8: torchao.quantization.qat fake quantization in training,
+converted at the end. report.py measures; __main__.py quantizes a finished run.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+from models.blocks import Block
+from models.build import build_model
+from trainer.config import ConfigError
+from trainer.data import VOCAB_SIZE
+from trainer.qlinear import INT4_FUSED_GROUPS, Int4WeightLinear
+from trainer.quantize.report import (compare_variants, cpu_features, cpu_flags, format_table,  # noqa: F401
+                                     prepare_batches, state_dict_bytes, tensor_bytes)
+
+PTQ_METHODS = ("dynamic_int8", "weight_int8", "weight_int4")
+METHODS = (*PTQ_METHODS, "qat_int8")
+FULL_PRECISION = "token embedding and LM head (tied by default), norms, position parameters"
+TESTED = "torch 2.13.0 + torchao 0.18.0"
+FALLBACK = "trainer.qlinear.Int4WeightLinear"
+
+
+def _ao():
+    """torchao.quantization, imported quietly (its CUDA-only extensions warn on a CPU build), or a
+    ConfigError saying which versions to install."""
+    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization as tq
+        import torchao.quantization.qat  # noqa: F401
+    except Exception as e:  # missing, or built for another torch
+        raise ConfigError(f"quantization needs torchao, which failed to import with torch {torch.__version__} "
+                          f"({type(e).__name__}: {str(e)[:120]}); install the torchao built for your torch "
+                          f"(tested: {TESTED}; e.g. pip install 'torchao==0.18.0' for torch 2.12-2.13).") from e
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+    return tq
+
+
+# ---------------------------------------------------------------- layer selection
+
+def _block_children(model: nn.Module, types: tuple) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    found = []
+    for block_name, block in model.named_modules():
+        if isinstance(block, Block):
+            for parent_name, parent in block.named_modules():
+                for attr, child in parent.named_children():
+                    if isinstance(child, types):
+                        found.append((".".join(p for p in (block_name, parent_name, attr) if p), parent, attr, child))
+    return found
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """(full name, parent module, attribute, layer) of every nn.Linear inside a Block."""
+    return _block_children(model, (nn.Linear,))
+
+
+def linear_state(model: nn.Module) -> dict:
+    """The state_dict entries of the block linears (quantized or not) only."""
+    prefixes = tuple(name + "." for name, *_ in _block_children(model, (nn.Linear, Int4WeightLinear)))
+    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """Raise ConfigError unless `group_size` (even, > 0) divides every block layer's input size."""
+    sizes = sorted({lin.in_features for *_, lin in block_linears(model)})
+    if group_size <= 0 or group_size % 2 or any(k % group_size for k in sizes):
+        fits = [str(g) for g in (16, *INT4_FUSED_GROUPS) if all(k % g == 0 for k in sizes)]
+        raise ConfigError(f"quantize.group_size={group_size} must be even and divide every quantized "
+                          f"layer's input size ({', '.join(map(str, sizes))})"
+                          + (f"; e.g. {' or '.join(fits)}." if fits else "."))
+
+
+# ---------------------------------------------------------------- methods
+
+def _int4_on_torchao(device: torch.device) -> bool:
+    """torchao's Int4WeightOnlyConfig (plain format) runs on CUDA with the mslk kernels only."""
+    import importlib.util
+
+    return device.type == "cuda" and importlib.util.find_spec("mslk") is not None
+
+
+def plan(method: str, device: torch.device, group_size: int = 32, precision: str = "fp32") -> dict:
+    """What `method` runs on `device`: {library, config, kernel, compiled_kernel, fallback}."""
+    if method not in METHODS:
+        raise ConfigError(f"quantize={method!r} is not a quantization method; choose one of: {', '.join(METHODS)}.")
+    f, cpu = cpu_features(), device.type == "cpu"
+    # torchao's CPU int8 GEMM: u8s8 (activations shifted by 128) where VNNI is the best there is.
+    mm = ("torch._int_mm " + ("u8s8 (AVX512-VNNI)" if f["AVX512-VNNI"] and not f["AMX"] else "s8s8"
+                              + (" (AMX)" if f["AMX"] else "")) if cpu else "torch._int_mm (cuBLAS)")
+    row = {"dynamic_int8": ("torchao", "Int8DynamicActivationInt8WeightConfig", f"per-token int8 quantize + {mm}"),
+           "weight_int8": ("torchao", "Int8WeightOnlyConfig", "int8 weight cast to float + torch.mm"),
+           "qat_int8": ("torchao", "QATConfig(step=convert) -> Int8DynamicActivationInt8WeightConfig"
+                        "(act_mapping_type=ASYMMETRIC)", f"per-token int8 quantize + {mm}")}.get(method)
+    if method == "weight_int4" and _int4_on_torchao(device):
+        row = ("torchao", f"Int4WeightOnlyConfig(group_size={group_size})", "mslk int4 GEMM")
+    elif method == "weight_int4":
+        fused = cpu and precision in ("bf16", "fp16") and group_size in INT4_FUSED_GROUPS
+        row = ("trainer (fallback)", f"{FALLBACK}(group_size={group_size})",
+               "torch._weight_int4pack_mm_for_cpu" if fused else "int4 unpack + dequantize + F.linear")
+    reason = "" if row[0] == "torchao" else "torchao 0.18's Int4WeightOnlyConfig has no kernel here (needs CUDA + mslk)"
+    return {"library": row[0], "config": row[1], "kernel": row[2],
+            "compiled_kernel": "torch.compile (inductor) of: " + row[2], "fallback": reason}
+
+
+def _ptq_config(method: str, group_size: int):
+    tq = _ao()
+    if method == "weight_int8":
+        return tq.Int8WeightOnlyConfig(set_inductor_config=False)
+    if method == "weight_int4":
+        return tq.Int4WeightOnlyConfig(group_size=group_size, set_inductor_config=False)
+    # qat_int8's activations were fake-quantized asymmetrically (torchao has no symmetric per-token QAT).
+    mapping = tq.MappingType.ASYMMETRIC if method == "qat_int8" else tq.MappingType.SYMMETRIC
+    return tq.Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping, set_inductor_config=False)
+
+
+def _only_block_linears(model: nn.Module):
+    ids = {id(lin) for *_, lin in block_linears(model)}
+    return lambda module, fqn: id(module) in ids
+
+
+def apply_ptq(model: nn.Module, method: str, group_size: int = 32) -> nn.Module:
+    """Quantize the block linears of `model` in place with torchao (int4 on a device without a
+    torchao kernel: the trainer.qlinear fallback); returns it.
+
+    Args:
+        model: a float model, or one prepared by apply_qat (then it is converted).
+        method: dynamic_int8 | weight_int8 | weight_int4 | qat_int8.
+        group_size: weight_int4 only: inputs per scale/zero pair.
+    """
+    plan(method, torch.device("cpu"))  # a ConfigError for an unknown method
+    tq = _ao()
+    if any(isinstance(m, tq.qat.FakeQuantizedLinear) for m in model.modules()):
+        tq.quantize_(model, tq.qat.QATConfig(step="convert"))  # back to nn.Linear, trained weights kept
+    if method == "weight_int4":
+        check_group_size(model, group_size)
+        if not _int4_on_torchao(next(model.parameters()).device):
+            for _, parent, attr, lin in block_linears(model):
+                setattr(parent, attr, Int4WeightLinear.from_float(lin, group_size))
+            return model
+    tq.quantize_(model, _ptq_config(method, group_size), filter_fn=_only_block_linears(model))
+    return model
+
+
+def apply_qat(model: nn.Module, cfg) -> nn.Module:
+    """Prepare `model` for training under `cfg` (= cfg.quantize).
+
+    qat_int8: torchao's QATConfig(step="prepare") turns the block linears into FakeQuantizedLinear
+    (same parameters and names). Other methods: the model is returned unchanged, after the report's
+    settings are checked, so a bad one fails before training rather than after.
+    """
+    if cfg.method != "none" and ((cfg.eval_batches is not None and cfg.eval_batches < 1)
+                                 or cfg.latency_batches < 1):
+        raise ConfigError(f"quantize.eval_batches={cfg.eval_batches} and quantize.latency_batches="
+                          f"{cfg.latency_batches} must both be >= 1.")
+    if cfg.method != "none" and str(cfg.get("compile", "both")).lower() not in ("true", "false", "both"):
+        raise ConfigError(f"quantize.compile={cfg.compile!r} is not valid; choose one of: true, false, both.")
+    if cfg.method == "weight_int4":
+        check_group_size(model, cfg.group_size)
+    if cfg.method == "none":
+        return model
+    tq = _ao()
+    if cfg.method != "qat_int8" or any(isinstance(m, tq.qat.FakeQuantizedLinear) for m in model.modules()):
+        return model
+    fq = tq.qat.IntxFakeQuantizeConfig
+    qat = tq.qat.QATConfig(activation_config=fq(torch.int8, "per_token", is_symmetric=False),
+                           weight_config=fq(torch.int8, "per_channel"), step="prepare")
+    tq.quantize_(model, qat, filter_fn=_only_block_linears(model))
+    return model
+
+
+def finalize_qat(model: nn.Module, weights: dict) -> dict:
+    """The trained QAT weights as a plain state_dict for an unquantized build_model(...) model.
+
+    torchao's FakeQuantizedLinear keeps nn.Linear's parameter names and adds no state, so this
+    is a check plus a shallow copy; the conversion happens in apply_ptq (QATConfig step="convert").
+    """
+    expected = set(model.state_dict())
+    if set(weights) != expected:
+        raise RuntimeError(f"QAT weights do not match the model's keys: {sorted(set(weights) ^ expected)[:5]}")
+    return dict(weights)
+
+
+# ---------------------------------------------------------------- build, save, load
+
+def build_init_model(cfg) -> nn.Module:
+    """A freshly initialized unquantized model for root config `cfg` (caller's RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        return build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE,
+                           max_len=cfg.data.seq_len)
+
+
+def build_float_model(cfg, weights: dict) -> nn.Module:
+    """An unquantized model for root config `cfg`, loaded with the plain state_dict `weights`."""
+    model = build_init_model(cfg)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def load_quantized(path: str, cfg, method: str | None = None) -> nn.Module:
+    """Load a `model_<method>.pt` written by post_training_report (weights_only=True: torchao
+    registers its tensor subclasses as safe globals on import).
+
+    Args:
+        path: the file. cfg: the run's root config (model sizes, quantize.group_size).
+        method: the quantization in the file; default cfg.quantize.method.
+    """
+    from trainer.checkpoint import safe_load
+
+    _ao()
+    state = safe_load(path, what="quantized weights")
+    model = build_init_model(cfg)
+    zeros = [k for k in state if k.endswith(".zero")]
+    if zeros and (method or cfg.quantize.method) in ("weight_int4", "none"):  # the int4 fallback's layout
+        packed, scale = state[zeros[0].removesuffix("zero") + "weight"], state[zeros[0]]
+        for _, parent, attr, lin in block_linears(model):  # group size read off the shapes
+            setattr(parent, attr, Int4WeightLinear.from_float(lin, 2 * packed.shape[1] // scale.shape[1]))
+    model.load_state_dict(state, assign=True)  # torchao tensors replace the float weights as they are
+    return model.eval()
+
+
+def quantized_layers(model: nn.Module) -> int:
+    """Block linears whose weight is quantized (a torchao tensor subclass or the int4 fallback)."""
+    return sum(isinstance(m, Int4WeightLinear) or type(m.weight) not in (torch.Tensor, nn.Parameter)
+               for *_, m in _block_children(model, (nn.Linear, Int4WeightLinear)))
+
+
+# ---------------------------------------------------------------- the report
+
+def post_training_report(cfg, model, weights, val_blocks, objective, device, run_dir) -> dict:
+    """Quantize the trained weights and compare them with fp32 and bf16; writes model_<method>.pt
+    and quantize.md.
+
+    Args:
+        cfg: the root config. model: the trained model, unused: every variant is rebuilt from
+            `weights`, so no DDP/compile/FSDP wrapper or fake-quant layer leaks into the numbers.
+        weights: the plain trained state_dict. val_blocks: validation token blocks.
+        objective: the run's objective. device: where to measure. run_dir: output directory.
+    Returns:
+        The numbers for summary.json: per-variant rows plus the quantized-vs-fp32 headline.
+    """
+    q, precision = cfg.quantize, cfg.precision.dtype
+    compile_mode = str(q.get("compile", "both")).lower()
+    fp32 = build_float_model(cfg, weights).to(device)
+    dense = {"library": "torch", "config": "-", "fallback": ""}
+    variants = {"fp32": (fp32, precision, {**dense, "kernel": "dense matmul"}),
+                "bf16 weights": (copy.deepcopy(fp32).to(torch.bfloat16), "fp32",
+                                 {**dense, "config": "model.to(bfloat16)", "kernel": "dense bf16 matmul"})}
+    info = plan(q.method, device, q.group_size, precision)
+    if q.method == "qat_int8":
+        variants["qat_int8 (fake-quant)"] = (apply_qat(copy.deepcopy(fp32), q), precision,
+                                             {**info, "kernel": "torchao fake-quantize + dense matmul",
+                                              "config": "QATConfig(step=prepare, IntxFakeQuantizeConfig: int8 "
+                                                        "per-token asymmetric activations, per-channel weights)",
+                                              "compile": False})
+    name = "qat_int8 -> dynamic_int8" if q.method == "qat_int8" else q.method
+    quant = apply_ptq(apply_qat(copy.deepcopy(fp32), q), q.method, q.group_size)
+    variants[name] = (quant, precision, info)
+    eval_n = q.eval_batches if q.eval_batches is not None else cfg.trainer.eval_batches
+    rows = compare_variants(variants, objective, val_blocks, cfg.trainer.batch_size, eval_n,
+                            q.latency_batches, device, compile=compile_mode)
+    batches = rows.pop("_batches")
+    path = os.path.join(run_dir, f"model_{q.method}.pt")
+    torch.save({k: v.detach().cpu() for k, v in quant.state_dict().items()}, path)
+    n_layers = quantized_layers(quant)
+    import torchao
+
+    header = (f"# Quantization report: {q.method}\n\n"
+              f"Device {device} ({cpu_flags() if device.type == 'cpu' else torch.cuda.get_device_name(device)}), "
+              f"{torch.get_num_threads()} CPU threads, precision {precision}, torch {torch.__version__}, "
+              f"torchao {torchao.__version__}; quality on {batches['eval_blocks']} validation blocks spread over the "
+              f"held-out split (the eval/loss sample, measured without compile), latency = median forward+loss "
+              f"over {batches['latency']} batches, with and without torch.compile as quantize.compile="
+              f"{compile_mode} asks.\nQuantized: {n_layers} Linear layers inside the transformer blocks with "
+              f"{info['library']} {info['config']}"
+              + (f" (fallback: {info['fallback']})" if info["fallback"] else "")
+              + f". Kept in full precision: {FULL_PRECISION}.\nSaved: {os.path.basename(path)} "
+              f"(load with trainer.quantize.load_quantized).\n\n")
+    with open(os.path.join(run_dir, "quantize.md"), "w") as f:
+        f.write(header + format_table(rows) + "\n")
+    print(f"quantize={q.method}: {path}\n{format_table(rows)}", file=sys.stderr)
+    head = rows[name] if name in rows else rows[name + " + compile"]
+    out = {"method": q.method, "file": path, "device": str(device), "precision": precision,
+           "threads": torch.get_num_threads(), "quantized_layers": n_layers, "full_precision": FULL_PRECISION,
+           "eval_batches": batches["eval"], "latency_batches": batches["latency"], "compile": compile_mode,
+           "cpu_flags": cpu_flags(),
+           **{k: head[k] for k in ("size_mb", "size_ratio", "linears_ratio", "latency_ms", "speedup", "eval_loss",
+                                   "loss_delta", "accuracy", "accuracy_delta", "library", "config", "kernel",
+                                   "fallback")},
+           "fp32": {k: rows[batches["baseline"]][k] for k in ("size_mb", "latency_ms", "eval_loss", "accuracy")},
+           "variants": rows}
+    if name + " + compile" in rows:
+        out["compiled"] = {k: rows[name + " + compile"][k] for k in ("latency_ms", "speedup", "kernel")}
+    return out
+
