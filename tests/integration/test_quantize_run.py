@@ -58,7 +58,7 @@ def test_quantize_method_end_to_end(make_cfg, tmp_path, method: str) -> None:
     for key in ("size_mb", "size_ratio", "latency_ms", "speedup", "eval_loss", "accuracy"):
         assert math.isfinite(report[key]) and report[key] >= 0, key
     assert report["size_ratio"] > 1.2  # the embedding stays fp32, so the whole model shrinks less than 4x
-    # The issue's thresholds: int8 <= 0.30x, int4 <= 0.20x of the block linears' fp32 bytes.
+    # Size limits: int8 <= 0.30x, int4 <= 0.20x of the block linears' fp32 bytes.
     assert report["linears_ratio"] >= (1 / 0.20 if method == "weight_int4" else 1 / 0.30)
     assert report["library"] == ("trainer (fallback)" if method == "weight_int4" else "torchao")
     assert CONFIGS[method] in report["config"]
