@@ -31,7 +31,7 @@ class AttnCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add (B, Hkv, T, Dh) keys/values after the cached ones; returns all of them so far."""
-        t, end = k.shape[2], self.length + k.shape[2]
+        end = self.length + k.shape[2]
         if self.k is None or end > self.k.shape[2] or self.k.dtype != k.dtype:
             cap = max(end, 2 * (self.k.shape[2] if self.k is not None else 0), 16)
             new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])

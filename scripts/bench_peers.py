@@ -60,6 +60,7 @@ def build_x_transformers(cfg) -> tuple[nn.Module, callable]:
     m = cfg.model
     model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=cfg.data.seq_len,
                                attn_layers=Decoder(dim=m.d_model, depth=m.num_layers, heads=m.num_heads,
+                                                   attn_dim_head=m.d_model // m.num_heads,
                                                    attn_flash=cfg.attention.kind == "flash",
                                                    ff_mult=m.d_ff / m.d_model))
     return model, lambda mod, x: mod(x)

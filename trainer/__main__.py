@@ -30,7 +30,7 @@ def _multirun_job() -> tuple[bool, str]:
     return True, f"job {hc.job.num} ({' '.join(hc.overrides.task)})"
 
 
-def _record_failure(cfg: DictConfig, message: str, exit_code: int) -> float:
+def _record_failure(message: str, exit_code: int) -> float:
     """A failed multirun job: its row in the sweep report says so; the other jobs still run."""
     from trainer.metrics import write_summary
     from trainer.run import hydra_run_dir
@@ -62,9 +62,9 @@ def main(cfg: DictConfig) -> float:
     try:
         summary = run(cfg)
     except ConfigError as e:
-        return _record_failure(cfg, f"error: {e}", EXIT_BAD_INPUT)
+        return _record_failure(f"error: {e}", EXIT_BAD_INPUT)
     except NonFiniteLoss as e:
-        return _record_failure(cfg, f"error: {e}; the last good checkpoint is kept.", EXIT_NONFINITE)
+        return _record_failure(f"error: {e}; the last good checkpoint is kept.", EXIT_NONFINITE)
     except StopRequested as e:
         name = "SIGTERM" if e.signum == 15 else "SIGINT" if e.signum == 2 else f"signal {e.signum}"
         print(f"stopped by {name} after step {e.step}; checkpoint saved, run again in the same run dir "
@@ -83,7 +83,7 @@ def main(cfg: DictConfig) -> float:
         import traceback
 
         traceback.print_exc()
-        return _record_failure(cfg, f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
+        return _record_failure(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1)
     if summary["complete"]:
         print(f"run dir: {summary['run_dir']}  eval/loss {summary.get('eval/loss', float('nan')):.4f}  "
               f"summary: {os.path.join(summary['run_dir'], 'summary.json')}", file=sys.stderr)

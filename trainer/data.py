@@ -16,7 +16,6 @@ import shutil
 import sysconfig
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -346,11 +345,3 @@ class BatchStream:
             sel = idx // n == epoch
             rows[sel] = self._permutation(epoch)[idx[sel] % n]
         return self.blocks[rows]
-
-
-def eval_batches(blocks: torch.Tensor, batch_size: int, num_batches: int) -> Iterator[torch.Tensor]:
-    """The first `num_batches` validation batches, always the same ones (comparable across steps)."""
-    for i in range(min(num_batches, max(1, len(blocks) // batch_size))):
-        chunk = blocks[i * batch_size:(i + 1) * batch_size]
-        if len(chunk):
-            yield chunk

@@ -1,4 +1,4 @@
-"""Logging: TensorBoard (rank 0 only), the tqdm bar, FLOPs/MFU, and summary.json."""
+"""Logging: TensorBoard (rank 0 only), progress on stderr, per-run peak memory, and summary.json."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from trainer.flops import peak_flops
 
 
 class Logger:
@@ -113,13 +112,6 @@ def peak_memory_mb(device: torch.device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def mfu(tokens_per_sec: float, flops_per_token: float, device: torch.device, precision: str,
-        world_size: int = 1) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s over the measured peak of all ranks."""
-    peak = peak_flops(device, precision) * world_size
-    return tokens_per_sec * flops_per_token / peak if peak > 0 else 0.0
 
 
 def write_summary(path: str, summary: dict) -> None:

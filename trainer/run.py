@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import signal
@@ -19,9 +18,8 @@ from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, resolve_objective, to_container, validate
 from trainer.data import VOCAB_SIZE, BatchStream, load_corpus
 from trainer.distributed import Dist, apply_parallel, init_distributed, teardown, unwrap
-from trainer.flops import train_flops_per_token
+from trainer.flops import peak_flops, train_flops_per_token
 from trainer.loop import Loop, TrainState, fit
-from trainer.flops import peak_flops
 from trainer.metrics import Logger, peak_memory_mb, reset_peak_memory, write_summary
 from trainer.objectives import build_objective
 from trainer.optim import build_optimizer, build_scheduler
