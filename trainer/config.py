@@ -20,7 +20,9 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 PARALLELS = ("single", "ddp", "fsdp")
 QUANTIZE = ("none", "dynamic_int8", "weight_int8", "weight_int4", "qat_int8")
 OBJECTIVES = ("auto", "clm", "mlm", "span", "contrastive")
-SOURCES = ("stdlib", "text", "hub")
+SOURCES = ("stdlib", "text", "hub", "pairs")
+TOKENIZERS = ("byte", "bpe", "pretrained")
+POOLINGS = ("mean", "cls")
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "constant")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -47,6 +49,7 @@ class ModelConfig:
     num_decoder_layers: Optional[int] = None  # encoder_decoder only; None: num_layers
     activation: str = "gelu"
     tie_embeddings: bool = True
+    init_from: Optional[str] = None  # a run dir (or weights file) whose matching weights start this run
 
 
 @dataclass
@@ -76,7 +79,9 @@ class ObjectiveConfig:
     mask_prob: float = 0.15  # mlm: fraction of tokens predicted
     noise_density: float = 0.15  # span: fraction of tokens corrupted
     mean_span: float = 3.0  # span: mean corrupted span length
-    temperature: float = 0.05  # contrastive: InfoNCE temperature
+    temperature: float = 0.05  # contrastive: InfoNCE temperature (the starting value if learned)
+    learn_temperature: bool = False  # contrastive: learn log(1/temperature) (CLIP) instead of fixing it
+    pooling: str = "mean"  # contrastive: mean | cls (the first token's vector) -> the embedding
 
 
 @dataclass
@@ -93,7 +98,20 @@ class DataConfig:
     encoding: Optional[str] = None
     val_fraction: float = 0.05
     max_files: Optional[int] = None  # data=stdlib: use only the first N files (small runs)
+    val_files: List[str] = field(default_factory=list)  # held-out split from these files (else by val_fraction)
+    streaming: bool = False  # read data=text|hub through `datasets` streaming (no copy)
+    num_proc: int = 1  # processes that tokenize while the token store is built
+    query_field: str = "query"  # data=pairs (.jsonl): the query text field
+    document_field: str = "document"  # data=pairs (.jsonl): the document text field
+    corpus_files: List[str] = field(default_factory=list)  # data=pairs: extra documents to search (.jsonl/.txt)
     cache_dir: str = "${oc.env:TRAINER_CACHE,${oc.env:HOME}/.cache/trainer}"
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "byte"  # byte | bpe (trained on the training split) | pretrained (tokenizer.path)
+    vocab_size: int = 8192  # bpe: target vocabulary size, specials included
+    path: Optional[str] = None  # pretrained: a tokenizer.json, or a folder holding one
 
 
 @dataclass
@@ -160,6 +178,7 @@ class Config:
     norm: NormConfig = field(default_factory=NormConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
