@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from trainer.config import ConfigError, DataConfig
+from trainer.heldout import held_out_documents
 
 # Byte-level vocabulary: ids 0..255 are bytes, then the special ids the objectives need.
 PAD, BOS, EOS, MASK = 256, 257, 258, 259
@@ -263,9 +264,9 @@ def _build(cfg: DataConfig, seed: int, out_dir: str) -> None:
     n = len(docs)
     if n == 0:
         raise ConfigError(f"data: the corpus ({cfg.source}) is empty; it has no text to train on.")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(n * cfg.val_fraction)) if n >= 2 else 0
-    split = {"train": docs.select(sorted(order[n_val:])), "val": docs.select(sorted(order[:n_val]))}
+    train_idx, val_idx = held_out_documents(n, cfg.val_fraction, seed)
+    n_val = len(val_idx)
+    split = {"train": docs.select(train_idx), "val": docs.select(val_idx)}
     packed = {}
     for name, part in split.items():
         packed[name] = part.map(_tokenize_and_pack, batched=True, batch_size=256,

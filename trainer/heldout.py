@@ -34,3 +34,18 @@ def eval_sample(blocks: torch.Tensor, batch_size: int, num_batches: int) -> Iter
     idx = eval_indices(len(blocks), batch_size, num_batches)
     for start in range(0, len(idx), batch_size):
         yield blocks[idx[start:start + batch_size]]
+
+
+def held_out_documents(num_docs: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """The by-document split every dataset built from one corpus shares: (train, val) document
+    indices, each sorted. `max(1, round(num_docs * val_fraction))` documents are held out (none
+    when there is a single document), chosen by a permutation seeded with `seed`.
+
+    The LM blocks (`trainer.data`) and the retrieval pairs (`trainer.pairs`) both split with this,
+    so a file held out from one is held out from the other.
+    """
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(num_docs)
+    n_val = max(1, round(num_docs * val_fraction)) if num_docs >= 2 else 0
+    return sorted(int(i) for i in order[n_val:]), sorted(int(i) for i in order[:n_val])
