@@ -122,12 +122,48 @@ def _sdpa_kv(q: Tensor, k: Tensor, v: Tensor, masked: bool) -> tuple[Tensor, Ten
     return _repeat_kv(k, h), _repeat_kv(v, h), {}
 
 
+# Longest query x key product for which the matmul-softmax path beats SDPA's CPU flash kernel
+# in bf16 (2 threads, causal fwd+bwd, B=8 H=6 Dh=64, AVX512-BF16 EPYC: T=128 4.7 vs 12.7 ms,
+# T=256 13-18 vs 25-27, T=512 49-55 vs 79-86, T=1024 275-286 vs 188-197); beyond it SDPA wins
+# and the saved (Tq, Tk) probabilities would cost O(T^2) memory.
+MATMUL_SOFTMAX_MAX_SCORES = 512 * 512
+
+
+def _causal_bias(tq: int, tk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(Tq, Tk) additive mask: 0 where key j <= query i (top-left aligned, as SDPA), -inf above.
+    Built per call (tens of microseconds), not cached: a cache would be opaque to torch.compile."""
+    return torch.full((tq, tk), float("-inf"), dtype=dtype, device=device).triu(1)
+
+
+def _use_matmul_softmax(q: Tensor, k: Tensor, dropout_p: float) -> bool:
+    """bf16 on CPU: SDPA's flash kernel runs its small per-tile GEMMs far below the native bf16
+    GEMM rate, while two batched GEMMs plus one softmax run near it (the CPU has native bf16
+    dot products: AVX512-BF16 or AMX). Short sequences only (memory is O(Tq * Tk))."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0
+            and q.shape[2] * k.shape[2] <= MATMUL_SOFTMAX_MAX_SCORES)
+
+
+def _matmul_softmax(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(Dh) + causal mask) v with bf16 GEMMs; the softmax's exp and sum are
+    computed in fp32 inside the kernel (as autocast's fp32 softmax would), rounded to bf16."""
+    h, tq, dh = q.shape[1], q.shape[2], q.shape[3]
+    k, v = _repeat_kv(k, h), _repeat_kv(v, h)
+    # Scaling q (B, H, Tq, Dh) costs Dh/Tk of scaling the scores.
+    scores = torch.matmul(q * dh ** -0.5, k.transpose(-2, -1))  # (B, H, Tq, Tk)
+    if causal:
+        scores = scores + _causal_bias(tq, k.shape[2], scores.dtype, scores.device)
+    return torch.matmul(scores.softmax(dim=-1), v)  # (B, H, Tq, Dh)
+
+
 def _flash(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, rel_bias: Tensor | None,
     key_padding_mask: Tensor | None, dropout_p: float,
 ) -> Tensor:
-    """Attention through ``F.scaled_dot_product_attention``."""
+    """Attention through ``F.scaled_dot_product_attention`` (or, for short bf16 sequences on CPU
+    without a mask or bias, two batched GEMMs and a softmax: ``_use_matmul_softmax``)."""
     if rel_bias is None and key_padding_mask is None:
+        if _use_matmul_softmax(q, k, dropout_p):
+            return _matmul_softmax(q, k, v, causal)
         # Mask-free call: is_causal selects the fused flash / efficient kernels.
         k, v, extra = _sdpa_kv(q, k, v, masked=False)
         return F.scaled_dot_product_attention(

@@ -6,7 +6,7 @@ import torch.nn as nn
 from models.blocks import Block, FeedForward, MultiHeadAttention
 from models.norm import build_norm
 from models.position import build_position
-from models.transformer import EMBED_STD, Stack, Transformer, init_weights
+from models.transformer import EMBED_STD, Stack, Transformer, init_weights, post_norm_head_scale
 
 
 def _stack(model_cfg, attention_cfg, position_cfg, norm_cfg, *, num_layers: int, causal: bool,
@@ -53,7 +53,8 @@ def build_model(model_cfg, attention_cfg, position_cfg, norm_cfg, *, vocab_size:
     if m.arch in ("decoder", "encoder_decoder"):
         n = m.num_decoder_layers or m.num_layers if m.arch == "encoder_decoder" else m.num_layers
         decoder = _stack(**kw, num_layers=n, causal=True, cross=m.arch == "encoder_decoder")
-    model = Transformer(m.arch, vocab_size, m.d_model, encoder, decoder, tie_embeddings=m.tie_embeddings)
+    model = Transformer(m.arch, vocab_size, m.d_model, encoder, decoder, tie_embeddings=m.tie_embeddings,
+                        head_scale=post_norm_head_scale(m.d_model, norm_cfg.placement, m.tie_embeddings))
     init_weights(model)
     return model
 

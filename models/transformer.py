@@ -64,12 +64,14 @@ class Transformer(nn.Module):
     """Token embedding + stack(s) + LM head tied to the embedding."""
 
     def __init__(self, arch: str, vocab_size: int, d_model: int, encoder: Stack | None,
-                 decoder: Stack | None, tie_embeddings: bool = True):
+                 decoder: Stack | None, tie_embeddings: bool = True, head_scale: float = 1.0):
         super().__init__()
         self.arch, self.vocab_size, self.d_model = arch, vocab_size, d_model
         self.embed = nn.Embedding(vocab_size, d_model)
         self.encoder, self.decoder = encoder, decoder
         self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+        # Multiplies the hidden states entering the head (`post_norm_head_scale`); 1.0 = none.
+        self.head_scale = head_scale
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         # GPT-2 / nanoGPT: the embedding enters unscaled. (Scaling it by sqrt(d) as Vaswani et al.
@@ -80,6 +82,8 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) hidden states -> (..., vocab) logits."""
         weight = self.embed.weight if self.head is None else self.head.weight
+        if self.head_scale != 1.0:
+            hidden = hidden * self.head_scale  # (..., D): cheaper than scaling (..., V) logits
         return F.linear(hidden, weight)
 
     def new_cache(self) -> KVCache:
@@ -129,6 +133,28 @@ class Transformer(nn.Module):
 
 
 EMBED_STD = 0.02  # GPT-2's init std for token (and learned position) embeddings
+
+
+def post_norm_head_scale(d_model: int, placement: str, tied: bool, embed_std: float = EMBED_STD) -> float:
+    """The factor on the hidden states entering a tied LM head: min(1, 1 / (embed_std * d_model))
+    under post-norm, 1.0 otherwise.
+
+    Why: post-norm's last sublayer ends in a norm, and at init every sublayer's output is small
+    next to the residual it is added to, so the stack's output is the *input* token's embedding
+    rescaled to unit RMS, h = E[tok] / embed_std. Through the tied head that token then scores
+    h . E[tok] = embed_std * d_model (7.7 at d 384) while the others score ~N(0, embed_std^2 d):
+    the untrained model confidently predicts its input, up to 1.7 nats above ln(vocab). Because h
+    is *aligned* with a head row, that logit grows like d, not sqrt(d), so the head's multiplier
+    scales like 1/d: muP's readout rule (Yang et al. 2022, Tensor Programs V: output logits times
+    1/width), here normalised so the input token's logit at init is at most 1 (loss within ~0.5
+    nats of ln V). Small widths (embed_std * d <= 1, d <= 50) are left unscaled, so they learn as
+    fast as before. Pre-norm needs no factor: its sublayer outputs outweigh the 0.02-std embedding
+    in the residual, so its final norm's output is not the input token's direction; an untied head
+    is random, not aligned with h.
+    """
+    if placement != "post" or not tied:
+        return 1.0
+    return min(1.0, 1.0 / (embed_std * d_model))
 
 
 def init_weights(model: Transformer) -> None:

@@ -95,21 +95,35 @@ def cpu_has_fast_fp16() -> bool | None:
         return None
 
 
+# /proc/cpuinfo flags that decide which GEMM kernels oneDNN can use (fp32, bf16, int8).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """(CPU model name, the `CPU_FLAGS` it has) from /proc/cpuinfo; (machine, []) where unreadable."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return cpu, [f for f in CPU_FLAGS if f in flags]
+
+
 def environment(device: torch.device) -> str:
     """One line describing the machine and the torch build (printed above every table)."""
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        cpu = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        where = (f"{cpu}, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}, "
+        cpu, flags = cpu_model_and_flags()
+        missing = [f for f in ("avx512_bf16", "amx_tile") if f not in flags]
+        where = (f"{cpu}, {torch.get_num_threads()} threads, flags: {' '.join(flags) or '-'}"
+                 f"{' (no ' + ', no '.join(missing) + ')' if missing else ''}, "
+                 f"ISA {torch.backends.cpu.get_cpu_capability()}, "
                  f"native bf16 GEMM: {cpu_has_fast_bf16()}, native fp16 GEMM: {cpu_has_fast_fp16()}")
     return f"torch {torch.__version__} | {where} | python {platform.python_version()}"
 
@@ -306,6 +320,32 @@ def profile_ops(fn: Callable[[], object], device: torch.device, row_limit: int =
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     self_s = {e.key: getattr(e, attr, getattr(e, key, 0.0)) / 1e6 for e in averages}
     return averages.table(sort_by=key, row_limit=row_limit), self_s
+
+
+# Where a step's self time goes, by op name (first matching rule wins). bmm/baddbmm are the
+# attention score/value products in every model benchmarked here (the projections are mm/addmm).
+TIME_CATEGORIES = (
+    ("GEMM (projections, head)", ("aten::mm", "aten::addmm", "aten::_addmm_activation", "mkldnn::_linear_pointwise",
+                                  "aten::mkldnn_linear")),
+    ("attention", ("scaled_dot_product", "aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::softmax",
+                   "_softmax_backward_data")),
+    ("norms", ("layer_norm", "rms_norm")),
+    ("casts and copies", ("aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous")),
+    ("optimizer and grad clip", ("adamw", "aten::_foreach", "aten::linalg_vector_norm", "Optimizer.",
+                                 "aten::zero_", "aten::mul_", "aten::add_")),
+    ("loss and embedding", ("log_softmax", "nll_loss", "cross_entropy", "embedding", "aten::index_select")),
+    ("compiled (fused elementwise + norms)", ("CompiledFxGraph", "Torch-Compiled Region", "CompiledFunction")),
+)
+
+
+def time_breakdown(self_s: dict[str, float]) -> dict[str, float]:
+    """Seconds of a profiled step per `TIME_CATEGORIES` entry, the rest as "elementwise and other"."""
+    out = {name: 0.0 for name, _ in TIME_CATEGORIES}
+    out["elementwise and other"] = 0.0
+    for op, sec in self_s.items():
+        name = next((n for n, keys in TIME_CATEGORIES if any(k in op for k in keys)), "elementwise and other")
+        out[name] += sec
+    return out
 
 
 def gemm_summary(self_s: dict[str, float], gemm_flops: float, peak: float | None) -> str:

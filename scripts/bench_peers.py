@@ -10,6 +10,8 @@ d_model 384, 6 heads, d_ff 1536, seq_len 256, batch 8), all with a 256-token byt
                   n_positions=T, dropout = ours (0)), attn_implementation="sdpa")
     ours-loop     ours again, but stepped by trainer.loop.train_step (the CLI path: adds the accuracy
                   argmax, the finite-loss check and the schedule) to show the loop's own overhead
+    ours-sdpa     (ablation, only with --models) ours with SDPA's kernel at every dtype and length
+    ours-compile  (ablation, only with --models) ours with trainer.compile=true's regional compile
 
 Every model gets the identical step: forward under the project's autocast (trainer.precision),
 next-token cross-entropy on fp32 logits, backward, clip_grad_norm_(1.0), and an AdamW step from
@@ -24,6 +26,11 @@ The peers are optional: `pip install -e .[bench]`; a missing one is skipped with
     python scripts/bench_peers.py --threads 2 --steps 10 --warmup 3
     python scripts/bench_peers.py --precisions fp32 --models ours x-transformers
     python scripts/bench_peers.py --overrides model.num_layers=12 data.seq_len=512
+    python scripts/bench_peers.py --models ours x-transformers hf-gpt2 ours-loop ours-sdpa ours-compile --profile
+
+The machine line above the table names the CPU, its GEMM-relevant flags (AVX2, AVX512, VNNI,
+AVX512-BF16, AMX) and the measured GEMM peaks used for MFU; --profile adds, per model, where one
+step's time goes (GEMMs, attention, norms, casts, optimizer, elementwise).
 """
 from __future__ import annotations
 
@@ -44,6 +51,10 @@ import _bench_common as bc  # noqa: E402
 PRESET = "experiment=bench_ref"
 VOCAB = 256
 MODELS = ("ours", "x-transformers", "hf-gpt2", "ours-loop")
+# Ablations of ours, interleaved with the rest when asked for with --models: `ours-sdpa` forces
+# SDPA's flash kernel at every dtype and length (no bf16 matmul-softmax path), `ours-compile` is
+# ours with trainer.compile=true's regional compile (each block).
+ABLATIONS = ("ours-sdpa", "ours-compile")
 
 
 def build_ours(cfg) -> tuple[nn.Module, callable]:
@@ -95,17 +106,27 @@ def make_generic_case(name: str, cfg, precision: str, device: torch.device, bloc
     from trainer.precision import autocast
 
     torch.manual_seed(cfg.seed)
-    model, forward = BUILDERS[name](cfg)
+    model, forward = BUILDERS["ours" if name.startswith("ours") else name](cfg)
     model.to(device).train()
     counted = {id(p): p for p in model.parameters() if p.requires_grad}
     n_params = sum(p.numel() for p in counted.values())
-    run_model = torch.compile(model) if compile_ else model
+    if name.startswith("ours") and (compile_ or name == "ours-compile"):  # trainer.compile=true: each block
+        from trainer.compile import apply_compile
+
+        run_model = apply_compile(model, True)
+    else:
+        run_model = torch.compile(model) if compile_ else model
     optimizer = build_optimizer(model, cfg.optim, device)
     stream = BatchStream(blocks, cfg.trainer.batch_size, cfg.seed)
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
     counter = {"step": 0}
 
+    import models.attention as attention_mod
+
+    max_scores = 0 if name == "ours-sdpa" else attention_mod.MATMUL_SOFTMAX_MAX_SCORES
+
     def step():
+        attention_mod.MATMUL_SOFTMAX_MAX_SCORES = max_scores  # cases interleave: set for this one
         batch = stream.batch(counter["step"]).to(device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
         with autocast(precision, device):
@@ -125,15 +146,33 @@ def make_loop_case(cfg, precision: str, device: torch.device, blocks: torch.Tens
     """Ours through trainer.loop.train_step (the config's precision and compile settings)."""
     from trainer.loop import train_step
 
+    import models.attention as attention_mod
+
     lp, n_params = bc.build_loop(cfg, device, blocks, vocab_size=VOCAB)
     counter = {"step": 0}
+    max_scores = attention_mod.MATMUL_SOFTMAX_MAX_SCORES  # the default: an ours-sdpa case may run between
 
     def step():
+        attention_mod.MATMUL_SOFTMAX_MAX_SCORES = max_scores
         out = train_step(lp, counter["step"])
         counter["step"] += 1
         return out
 
     return step, n_params, bc.optimizer_kind(lp.optimizer)
+
+
+def print_breakdown(cases: dict, device: torch.device) -> None:
+    """One profiled step per case: milliseconds (and share) per `_bench_common.TIME_CATEGORIES`."""
+    cols = {}
+    for label, fn in cases.items():
+        _, self_s = bc.profile_ops(fn, device)
+        cols[label] = bc.time_breakdown(self_s)
+    cats = list(next(iter(cols.values())))
+    rows = [[cat] + [f"{1e3 * c[cat]:.0f} ({100 * c[cat] / max(sum(c.values()), 1e-12):.0f}%)" for c in cols.values()]
+            for cat in cats]
+    rows.append(["total (profiled step)"] + [f"{1e3 * sum(c.values()):.0f}" for c in cols.values()])
+    print("\nWhere one profiled step's time goes (torch.profiler self time, ms and share):\n")
+    print(bc.markdown_table(["category", *cols], rows))
 
 
 def main(argv=None) -> None:
@@ -142,7 +181,7 @@ def main(argv=None) -> None:
                                 epilog=__doc__.split("\n\n", 1)[1])
     bc.add_common_args(p)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + ABLATIONS)
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--no-mfu", action="store_true",
                    help="skip MFU (trainer.flops.peak_flops runs a GEMM probe once per machine/precision; "
@@ -151,6 +190,9 @@ def main(argv=None) -> None:
                    help="probe the peak again (best of 3 probes, into a temporary cache) instead of trusting "
                         "the cached probe, which keeps whatever the machine's load was when it first ran")
     p.add_argument("--quiet", action="store_true", help="no per-step progress on stderr")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one more step of each model (torch.profiler) and print where "
+                        "its time goes: GEMMs, attention, norms, casts, optimizer, elementwise")
     args = p.parse_args(argv)
 
     threads = bc.setup_threads(args.threads)
@@ -238,6 +280,8 @@ def main(argv=None) -> None:
              + (" (best of 3 fresh probes)" if args.fresh_peak else " (cached probe; --fresh-peak re-probes)")
              if peaks else "")
           + ".")
+    if args.profile:
+        print_breakdown(cases, device)
     if device.type == "cpu" and any(pr != "fp32" for pr in args.precisions) and not bc.cpu_has_fast_bf16():
         print("Note: this CPU has no native bf16/fp16 GEMM in oneDNN (needs AVX512-BF16/AMX/AVX-NE-CONVERT); "
               "low-precision matmuls run on a generic fallback kernel, and the bf16 peak probe measures that "

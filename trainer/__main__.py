@@ -116,6 +116,9 @@ def _override_error(argv: list[str]) -> str | None:
         return _one_sentence(e)
     try:  # the cross-field checks too, before Hydra creates a run dir for a run that cannot start
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), launched_by_torchrun())
+        from trainer.init_from import check_init_from
+
+        check_init_from(cfg)
     except ConfigError as e:
         return str(e)
     return None

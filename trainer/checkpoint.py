@@ -137,12 +137,22 @@ def read_checkpoint(path: str, meta: dict) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
         raise ConfigError(f"checkpoint {path} is not a checkpoint of this trainer (format "
                           f"{payload.get('format') if isinstance(payload, dict) else '?'}); it was left as is.")
-    saved = payload.get("meta", {}).get("structure", {})
-    for key, value in meta["structure"].items():
-        if key in saved and saved[key] != value:
-            raise ConfigError(f"checkpoint {path} is incompatible with this run: it was saved with "
-                              f"{key}={saved[key]} but this run has {key}={value}; it was left as is.")
+    check_structure(payload, path, meta["structure"])
     return payload
+
+
+def check_structure(payload: dict, path: str, structure: dict, defaults: dict | None = None) -> None:
+    """Refuse (one-sentence ConfigError) a checkpoint saved with other `structure` values, e.g.
+    another tokenizer (`tokenizer=<kind>:<hash of its tokenizer.json>`). A key the checkpoint does
+    not record is taken from `defaults` (checkpoints from before it was recorded), else not checked.
+    """
+    saved = {**(defaults or {}), **payload.get("meta", {}).get("structure", {})}
+    for key, value in structure.items():
+        if key in saved and saved[key] != value:
+            hint = ("; resume with the tokenizer it was trained with, or start a new run dir"
+                    if key == "tokenizer" else "")
+            raise ConfigError(f"checkpoint {path} is incompatible with this run: it was saved with "
+                              f"{key}={saved[key]} but this run has {key}={value}; it was left as is{hint}.")
 
 
 def restore(payload: dict, path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -5,6 +5,7 @@ rejected before any work starts; `validate()` then checks what types cannot expr
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -133,6 +134,8 @@ class QuantizeConfig:
     eval_batches: Optional[int] = None  # quality sample in batches; None: trainer.eval_batches (eval/loss's)
     latency_batches: int = 5  # forward passes timed per variant
     compile: str = "both"  # latency rows: false (eager) | true (torch.compile) | both
+    context_budget_mb: float = 256.0  # contrastive runs: longest document per attention kernel within this
+    max_context: Optional[int] = None  # ... trying lengths up to this (None: 16 x data.seq_len)
 
 
 @dataclass
@@ -257,6 +260,7 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
     _fraction(cfg.objective.noise_density, "objective.noise_density")
     _positive(cfg.objective.mean_span, "objective.mean_span")
     _positive(cfg.objective.temperature, "objective.temperature")
+    _validate_retrieval(cfg, objective)
     if cfg.data.seq_len < 8:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is out of range; it must be >= 8.")
     if objective == "span":
@@ -280,7 +284,67 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
                 raise ConfigError(f"data.files: no such file {f!r}.")
     if cfg.data.source == "hub" and not cfg.data.name:
         raise ConfigError("data=hub needs data.name=<a Hugging Face dataset name>.")
+    _validate_tokens(cfg)
     _validate_trainer(cfg, world_size, launched)
+
+
+def _validate_tokens(cfg: DictConfig | Config) -> None:
+    """Tokenizer choice and files, data.val_files, data.streaming and data.num_proc."""
+    tok, data = cfg.tokenizer, cfg.data
+    _choice(tok.kind, TOKENIZERS, "tokenizer")
+    if tok.kind == "bpe" and tok.vocab_size < 384:
+        raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} is too small for tokenizer=bpe; it must be "
+                          f">= 384 (256 byte symbols, 104 special tokens, and room for merges).")
+    if tok.kind == "pretrained":
+        if not tok.path:
+            raise ConfigError("tokenizer=pretrained needs tokenizer.path=<a tokenizer.json or a folder holding one>.")
+        from trainer.data.tokenizer import tokenizer_file
+
+        tokenizer_file(tok.path)
+    _positive(data.num_proc, "data.num_proc")
+    if data.val_files:
+        if data.source == "hub":
+            raise ConfigError(f"data.val_files works with data=stdlib|text|pairs, not data={data.source}.")
+        if data.source == "pairs":
+            for f in data.val_files:
+                if not os.path.isfile(os.path.expanduser(f)):
+                    raise ConfigError(f"data.val_files: no such file {f!r}.")
+        else:
+            from trainer.data.sources import check_files
+
+            check_files(data.val_files, "data.val_files")
+    if data.streaming and data.source not in ("text", "hub"):
+        raise ConfigError(f"data.streaming=true reads data=text|hub through datasets' streaming mode; "
+                          f"data={data.source} is read from the token store (set data.streaming=false).")
+    if data.streaming and (tok.kind == "bpe" or data.encoding):
+        what = "tokenizer=bpe (it is trained on the whole training split)" if tok.kind == "bpe" else "data.encoding"
+        raise ConfigError(f"data.streaming=true cannot be combined with {what}; use tokenizer=byte|pretrained "
+                          f"and UTF-8 data, or data.streaming=false.")
+
+
+def _validate_retrieval(cfg: DictConfig | Config, objective: str) -> None:
+    """Contrastive/retrieval settings: pooling, pairs data, learned temperature, init_from."""
+    import os
+
+    _choice(cfg.objective.pooling, POOLINGS, "objective.pooling")
+    if cfg.data.source == "pairs" and objective != "contrastive":
+        raise ConfigError(f"data=pairs holds (query, document) pairs for objective=contrastive, not "
+                          f"objective={objective}; add objective=contrastive (with model=encoder).")
+    if cfg.data.source == "pairs" and cfg.tokenizer.kind == "bpe":
+        raise ConfigError("data=pairs cannot train tokenizer=bpe (it is trained on a language-model corpus); use "
+                          "tokenizer=byte, or tokenizer=pretrained tokenizer.path=<run dir>/tokenizer.json of the "
+                          "run the encoder starts from.")
+    if cfg.data.source == "pairs":
+        for key in ("files", "corpus_files"):
+            for f in cfg.data[key]:
+                if not os.path.isfile(os.path.expanduser(f)):
+                    raise ConfigError(f"data.{key}: no such file {f!r}.")
+    if objective == "contrastive" and cfg.objective.learn_temperature and cfg.parallel.kind == "fsdp":
+        raise ConfigError("objective.learn_temperature=true is not supported with parallel=fsdp (its scalar "
+                          "cannot be sharded); use parallel=ddp or a fixed objective.temperature.")
+    src = cfg.model.init_from
+    if src and not os.path.exists(os.path.expanduser(src)):
+        raise ConfigError(f"model.init_from={src}: no such run dir or weights file.")
 
 
 def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool) -> None:

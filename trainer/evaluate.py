@@ -11,7 +11,6 @@ same fixed-seed masks, same precision), so on the run's own data they equal its 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -60,22 +59,22 @@ def apply_data_overrides(run_cfg: DictConfig, overrides: list[str]) -> DictConfi
     return data
 
 
-def evaluate_run(model: torch.nn.Module, cfg: DictConfig, blocks: torch.Tensor, device: torch.device,
-                 precision: str, trainer_cfg) -> dict[str, float]:
-    """`trainer.loop.evaluate` on `blocks` with the run's objective: the loop's code path, in one process."""
+def evaluate_run(model: torch.nn.Module, cfg: DictConfig, blocks, device: torch.device,
+                 precision: str, trainer_cfg, tokenizer=None, retrieval=None) -> dict[str, float]:
+    """`trainer.loop.evaluate` on `blocks` ((N, seq_len + 1) tensor or memory-mapped StoreBlocks)
+    with the run's objective and tokenizer: the loop's code path (eval/bits_per_byte included)."""
     from trainer.distributed import Dist
     from trainer.loop import Loop, evaluate
     from trainer.objectives import build_objective
 
-    objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective)
+    objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective, tokenizer)
     lp = Loop(model=model, optimizer=None, scheduler=None, scaler=None, objective=objective, stream=None,
               val_blocks=blocks, gen=None, device=device, precision=precision, dist=Dist(), logger=None,
-              cfg=trainer_cfg, flops_per_token=0.0, mfu=None, save=None, stop_signal=lambda: 0)
+              cfg=trainer_cfg, flops_per_token=0.0, mfu=None, save=None, stop_signal=lambda: 0,
+              retrieval=retrieval)
     metrics = evaluate(lp)
     model.eval()
     assert metrics is not None  # no stop signal in a single process
-    if objective.name == "clm":  # every target is a byte (or a document boundary): bits per byte
-        metrics["eval/bits_per_byte"] = metrics["eval/loss"] / math.log(2)
     return metrics
 
 
@@ -93,7 +92,7 @@ def _name(a: dict, data: DictConfig, changed: bool) -> str:
 def run_evaluate(argv: list[str]) -> dict:
     """Parse, load, evaluate, print and write `eval_<name>.json`; returns the report."""
     from trainer.cli_args import parse_args
-    from trainer.data import load_corpus
+    from trainer.data import StoreBlocks, load_corpus
     from trainer.load import load_model
 
     a, raw = parse_args(argv, SPEC, "python -m trainer.evaluate", passthrough=("data",))
@@ -106,7 +105,7 @@ def run_evaluate(argv: list[str]) -> dict:
     if a["precision"] not in (None, "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision={a['precision']} is not valid; choose fp32, bf16 or fp16.")
     device = torch.device("cuda" if a["device"] != "cpu" and torch.cuda.is_available() else "cpu")
-    model, _, cfg = load_model(a["run_dir"], device)
+    model, tok, cfg = load_model(a["run_dir"], device)
     if cfg.quantize.method == "qat_int8":  # the run evaluated its fake-quantized forward
         from trainer.quantize import apply_qat
 
@@ -119,17 +118,27 @@ def run_evaluate(argv: list[str]) -> dict:
         except Exception as e:  # noqa: BLE001 - any failure is one sentence
             raise ConfigError(f"quantize={a['quantize']} could not be applied: {str(e).splitlines()[0]}") from e
     data = apply_data_overrides(cfg, raw) if raw else cfg.data
-    corpus = load_corpus(data, cfg.seed)
-    split = a["split"] or ("all" if raw else "val")
-    blocks = {"val": corpus.val, "train": corpus.train}.get(split)
-    if blocks is None:
-        blocks = torch.cat([corpus.train, corpus.val])
+    split = a["split"] or ("all" if raw and data.source != "pairs" else "val")
+    retrieval = None
+    if data.source == "pairs":  # retrieval pairs: the held-out queries searched against the held-out documents
+        from trainer.pair_data import load_pair_corpus
+
+        if split != "val":
+            raise ConfigError(f"split={split} is not available for data=pairs; its evaluation is the held-out "
+                              f"search (split=val).")
+        pairs = load_pair_corpus(data, cfg.seed, tok)
+        blocks, retrieval = pairs.val, pairs.retrieval
+    else:
+        corpus = load_corpus(data, cfg.seed, tokenizer=tok, say=lambda m: print(m, file=sys.stderr))
+        blocks = {"val": corpus.val_blocks, "train": corpus.train_blocks}.get(split)
+        if blocks is None:  # both splits: they are adjacent rows of the one memory map
+            blocks = StoreBlocks(corpus.train_blocks.mm, 0, len(corpus.train_blocks) + len(corpus.val_blocks))
     if len(blocks) == 0:
         raise ConfigError(f"the {split} split of that data holds no block of {data.seq_len + 1} tokens; "
                           f"use split=all or more data.")
     trainer_cfg = OmegaConf.merge(cfg.trainer, {k: a[k] for k in ("batch_size", "eval_batches") if a[k]})
     precision = a["precision"] or cfg.precision.dtype
-    metrics = evaluate_run(model, cfg, blocks, device, precision, trainer_cfg)
+    metrics = evaluate_run(model, cfg, blocks, device, precision, trainer_cfg, tok, retrieval)
     name = _name(a, data, bool(raw))
     report = {**metrics, "run_dir": os.path.abspath(a["run_dir"]), "split": split, "precision": precision,
               "quantize": a["quantize"], "data": OmegaConf.to_container(data, resolve=True)}

@@ -190,10 +190,11 @@ def main(argv: list[str]) -> int:
                disable=a["num_samples"] == 1 or not a["progress"])
     for i in bar:
         out = generate(model, prompt, a["max_new_tokens"], temperature=a["temperature"], top_k=a["top_k"],
-                       top_p=a["top_p"], generator=gen, kv_cache=a["kv_cache"], src=src, precision=precision)
+                       top_p=a["top_p"], generator=gen, kv_cache=a["kv_cache"], src=src, precision=precision,
+                       eos_id=tok.eos_id)
         ids = out[0].tolist()
-        if EOS in ids:
-            ids = ids[: ids.index(EOS)]
+        if tok.eos_id in ids:
+            ids = ids[: ids.index(tok.eos_id)]
         n_tokens += len(ids)
         if a["num_samples"] > 1:
             bar.write(f"--- sample {i + 1} ---", file=sys.stdout)

@@ -24,11 +24,12 @@ def eval_indices(num_blocks: int, batch_size: int, num_batches: int) -> torch.Te
     return ((torch.arange(n, dtype=torch.float64) + 0.5) * (num_blocks / n)).floor().long()
 
 
-def eval_sample(blocks: torch.Tensor, batch_size: int, num_batches: int) -> Iterator[torch.Tensor]:
+def eval_sample(blocks, batch_size: int, num_batches: int) -> Iterator[torch.Tensor]:
     """The evaluated blocks as batches of `batch_size` rows (the last may be shorter).
 
     Args:
-        blocks: validation blocks (N, seq_len + 1). batch_size: rows per batch.
+        blocks: validation blocks (N, seq_len + 1): a tensor, or the memory-mapped
+            `trainer.data.StoreBlocks` (only the sampled rows are read). batch_size: rows per batch.
         num_batches: how many batches at most (`trainer.eval_batches`).
     """
     idx = eval_indices(len(blocks), batch_size, num_batches)

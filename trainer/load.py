@@ -14,7 +14,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import Config, ConfigError
-from trainer.tokenizer import ByteTokenizer
+from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer_json, model_vocab_size
 
 WEIGHTS = "model.safetensors"
 
@@ -92,32 +92,60 @@ def read_run(run_dir: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
     return weights, cfg  # type: ignore[return-value]
 
 
-def build_run_model(cfg: DictConfig, weights: dict[str, torch.Tensor], where: str = "") -> nn.Module:
-    """An unquantized model for root config `cfg` holding `weights`, in eval mode (global RNG untouched)."""
+def build_run_model(cfg: DictConfig, weights: dict[str, torch.Tensor], where: str = "",
+                    vocab_size: int | None = None) -> nn.Module:
+    """An unquantized model for root config `cfg` holding `weights`, in eval mode (global RNG untouched).
+
+    `vocab_size`: the embedding rows (None: the byte vocabulary, or the rows of `embed.weight`).
+    """
     from models.build import build_model
     from trainer.data import VOCAB_SIZE
 
+    if vocab_size is None:
+        embed = weights.get("embed.weight")
+        vocab_size = int(embed.shape[0]) if embed is not None else VOCAB_SIZE
     with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE,
+        model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=vocab_size,
                             max_len=cfg.data.seq_len)
     try:
-        model.load_state_dict(weights)
+        # A contrastive run's learned `logit_scale` only scaled its training loss: not part of the model.
+        model.load_state_dict({k: v for k, v in weights.items() if k != "logit_scale"})
     except RuntimeError as e:
         raise ConfigError(f"the weights{' in ' + where if where else ''} do not fit the run's model "
                           f"({str(e).splitlines()[0][:160]}).") from e
     return model.eval()
 
 
-def load_model(run_dir: str, device: str | torch.device = "cpu") -> tuple[nn.Module, ByteTokenizer, DictConfig]:
+def load_tokenizer(run_dir: str, cfg: DictConfig) -> ByteTokenizer | HFTokenizer:
+    """The run's tokenizer: its `tokenizer.json` (bpe/pretrained runs), else the byte tokenizer.
+
+    Raises:
+        ConfigError: a bpe/pretrained run whose tokenizer.json is missing or unreadable.
+    """
+    kind = cfg.tokenizer.kind if "tokenizer" in cfg else "byte"
+    if kind == "byte":
+        return ByteTokenizer()
+    path = os.path.join(run_dir, "tokenizer.json")
+    try:
+        return load_tokenizer_json(path, kind)
+    except Exception as e:
+        raise ConfigError(f"run_dir={run_dir} was trained with tokenizer={kind} but its tokenizer.json is "
+                          f"missing or unreadable ({type(e).__name__}); it cannot encode text.") from e
+
+
+def load_model(run_dir: str, device: str | torch.device = "cpu"
+               ) -> tuple[nn.Module, ByteTokenizer | HFTokenizer, DictConfig]:
     """Load a finished run: `(model, tokenizer, config)`.
 
     The model is the run's architecture with its final weights, in eval mode on `device`; the
-    tokenizer encodes/decodes text to the model's ids; the config is the run's resolved config.
+    tokenizer (ByteTokenizer, or the run's BPE/pretrained `tokenizer.json`) encodes/decodes text
+    to the model's ids; the config is the run's resolved config.
 
     Raises:
         ConfigError: missing run dir, no weights or config, corrupt or mismatched files.
     """
     run_dir = os.path.abspath(os.path.expanduser(str(run_dir)))
     weights, cfg = read_run(run_dir)
-    model = build_run_model(cfg, weights, run_dir)
-    return model.to(device), ByteTokenizer(), cfg
+    tokenizer = load_tokenizer(run_dir, cfg)
+    model = build_run_model(cfg, weights, run_dir, vocab_size=model_vocab_size(tokenizer))
+    return model.to(device), tokenizer, cfg

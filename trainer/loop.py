@@ -19,6 +19,7 @@ from trainer.objectives import Objective, split_rows
 from trainer.precision import autocast
 
 
+RETRIEVAL_LOGGED = ("eval/recall@1", "eval/recall@10", "eval/mrr@10", "eval/ndcg@10")
 EVAL_SEED = 1234  # the evaluation masks' generator seed (fixed: comparable across steps and jobs)
 
 
@@ -63,6 +64,7 @@ class Loop:
     mfu: Callable[[float], float]
     save: Callable[[int], None]
     stop_signal: Callable[[], int]  # 0, or the signal number that asked us to stop
+    retrieval: Any = None  # contrastive: a trainer.pair_data.RetrievalSet scored at every evaluation
 
 
 def _micro_batches(lp: Loop, batch: dict) -> list[dict]:
@@ -95,6 +97,14 @@ def train_step(lp: Loop, step: int) -> dict[str, torch.Tensor]:
     micros = _micro_batches(lp, batch)
     loss_sum = torch.zeros((), device=lp.device)
     correct = torch.zeros((), device=lp.device)
+    global_negatives = getattr(lp.objective, "global_negatives", False)
+    if global_negatives and (len(micros) > 1 or lp.dist.world_size > 1):
+        # Contrastive: every document of the global batch is a negative for every query, so the
+        # batch is not split into independent losses; GradCache gives the whole batch's gradients.
+        from trainer.contrastive import grad_cache_step
+
+        loss_sum, correct = grad_cache_step(lp, micros, total)
+        micros = []
     for i, micro in enumerate(micros):
         with _sync_context(lp.model, i == len(micros) - 1):
             with autocast(lp.precision, lp.device):
@@ -136,10 +146,15 @@ def evaluate(lp: Loop) -> dict[str, float] | None:
     masks come from a private generator with a fixed seed: the same blocks and masks at every
     evaluation and in every job, and the training generators are never touched. Returns None,
     without finishing, when a stop signal arrives (every rank agrees, batch by batch).
+
+    `eval/bits_per_byte` = summed loss (nats) / ln 2 / UTF-8 bytes of the targets' text, where
+    the objective defines the targets (`Objective.num_target_bytes`: clm the next tokens, mlm the
+    original tokens at the masked positions, span the corrupted spans) and special ids (BOS, EOS,
+    PAD, sentinels) count 0 bytes; comparable across tokenizers.
     """
     lp.model.eval()
     gen = torch.Generator().manual_seed(EVAL_SEED)
-    sums = torch.zeros(4, device=lp.device)  # loss_sum, correct, targets, blocks
+    sums = torch.zeros(5, device=lp.device)  # loss_sum, correct, targets, blocks, target bytes
     try:
         for blocks in eval_sample(lp.val_blocks, lp.cfg.batch_size, lp.cfg.eval_batches):
             if all_reduce_max(torch.tensor([float(lp.stop_signal())]), lp.dist).item():
@@ -147,17 +162,34 @@ def evaluate(lp: Loop) -> dict[str, float] | None:
             batch = lp.objective.prepare(blocks, gen)
             rows = batch[lp.objective.rows_key].shape[0]
             lo, hi = rows * lp.dist.rank // lp.dist.world_size, rows * (lp.dist.rank + 1) // lp.dist.world_size
+            whole = getattr(lp.objective, "global_negatives", False)
+            if whole:  # negatives span the batch: every rank scores all of it, rank 0's numbers count
+                lo, hi = 0, rows
             part = split_rows(batch, lo, hi)
             with autocast(lp.precision, lp.device):
                 ls, c = lp.objective.loss(lp.model, _to_device(part, lp.device))
-            sums += torch.tensor([float(ls), float(c), float(lp.objective.num_targets(part)), float(hi - lo)],
-                                 device=lp.device)
+            if not whole or lp.dist.is_main:
+                # None: bits per byte is undefined (contrastive)
+                nbytes = getattr(lp.objective, "num_target_bytes", lambda b: None)(part)
+                sums += torch.tensor([float(ls), float(c), float(lp.objective.num_targets(part)), float(hi - lo),
+                                      float("nan") if nbytes is None else float(nbytes)],
+                                     device=lp.device)
     finally:
         lp.model.train()
     all_reduce_sum(sums, lp.dist)
-    loss, correct, n, blocks_seen = sums.tolist()
-    loss = loss / max(n, 1)
-    return {"eval/loss": loss, "eval/accuracy": correct / max(n, 1), "eval/perplexity": math.exp(min(loss, 50.0)),
+    loss_sum, correct, n, blocks_seen, n_bytes = sums.tolist()
+    loss = loss_sum / max(n, 1)
+    if n_bytes == n_bytes and n_bytes > 0:  # summed nats / ln 2 / UTF-8 bytes of the targets' text
+        extra_bpb = {"eval/bits_per_byte": loss_sum / math.log(2) / n_bytes}
+    else:
+        extra_bpb = {}
+    extra = {}
+    if lp.retrieval is not None:
+        from trainer.contrastive import evaluate_retrieval
+
+        r = lp.retrieval
+        extra = evaluate_retrieval(lp, r.queries, r.documents, r.positives)
+    return {**extra, **extra_bpb, "eval/loss": loss, "eval/accuracy": correct / max(n, 1), "eval/perplexity": math.exp(min(loss, 50.0)),
             "eval/blocks": blocks_seen, "eval/targets": n}
 
 
@@ -202,7 +234,8 @@ def fit(lp: Loop, state: TrainState) -> TrainState:
             lp.logger.scalars(metrics, state.step)
             lp.logger.message(f"step {state.step}: eval/loss {metrics['eval/loss']:.4f}  "
                               f"eval/accuracy {metrics['eval/accuracy']:.3f}  "
-                              f"({int(metrics['eval/blocks'])} held-out blocks, {int(metrics['eval/targets'])} targets)")
+                              f"({int(metrics['eval/blocks'])} held-out blocks, {int(metrics['eval/targets'])} targets)"
+                              + "".join(f"  {k[5:]} {metrics[k]:.3f}" for k in RETRIEVAL_LOGGED if k in metrics))
             t_window = time.perf_counter()  # throughput excludes evaluation
         if state.step % cfg.checkpoint_every == 0 and state.step < end:
             lp.save(state.step)

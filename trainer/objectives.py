@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import ConfigError, ObjectiveConfig
-from trainer.data import BOS, EOS, MASK, NUM_SENTINELS, VOCAB_SIZE
+from trainer.data.tokenizer import NUM_SENTINELS, PAD, ByteTokenizer
 
 Batch = Dict[str, torch.Tensor]
 
@@ -37,6 +37,32 @@ class Objective:
         """Input tokens processed (for tokens/s)."""
         return sum(v.numel() for k, v in batch.items() if k in ("x", "src", "tgt_in", "a", "b"))
 
+    def num_target_bytes(self, batch: Batch) -> int | None:
+        """UTF-8 bytes of the text the predicted targets stand for (None: bits/byte undefined)."""
+        return None
+
+
+class _Specials:
+    """The tokenizer facts an objective needs: special ids, sentinels, bytes per id, regular ids."""
+
+    def __init__(self, tokenizer=None):
+        tok = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.pad, self.bos, self.eos, self.mask = tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id
+        self.num_sentinels = tok.num_sentinels
+        self.sentinels = np.array([tok.sentinel(i) for i in range(tok.num_sentinels)], dtype=np.int64)
+        nbytes = tok.token_bytes()
+        self.token_bytes = torch.from_numpy(np.asarray(nbytes, dtype=np.int64))
+        special = np.zeros(len(nbytes), dtype=bool)
+        special[[self.pad, self.bos, self.eos, self.mask, *self.sentinels.tolist()]] = True
+        if isinstance(tok, ByteTokenizer):
+            special[256:] = True  # every id above the bytes is special
+        self.is_special = torch.from_numpy(special)
+        self.regular = torch.from_numpy(np.flatnonzero(~special))  # ids MLM may substitute
+
+    def count_bytes(self, targets: torch.Tensor) -> int:
+        """Total UTF-8 bytes of `targets` (ids): specials count 0."""
+        return int(self.token_bytes[targets.cpu()].sum())
+
 
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.float()  # fp32 softmax: stable under bf16/fp16 autocast
@@ -50,6 +76,13 @@ class CausalLM(Objective):
 
     name = "clm"
 
+    def __init__(self, tokenizer=None):
+        self.sp = _Specials(tokenizer)
+
+    def num_target_bytes(self, batch: Batch) -> int:
+        """Bytes of the predicted next tokens `y` (BOS/EOS/PAD targets count 0)."""
+        return self.sp.count_bytes(batch["y"])
+
     def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
         return {"x": blocks[:, :-1], "y": blocks[:, 1:]}
 
@@ -62,27 +95,34 @@ class CausalLM(Objective):
 
 class MaskedLM(Objective):
     """BERT-style masked LM: `mask_prob` of the non-special tokens predicted; of those 80% [MASK],
-    10% a random byte, 10% kept (HF `DataCollatorForLanguageModeling`).
+    10% a random non-special token, 10% kept (HF `DataCollatorForLanguageModeling`).
 
-    Special ids (>= 256: PAD, BOS, EOS, MASK, sentinels) are never selected, and no row is forced
-    to have a target, so a row (or a whole batch) may have none: `num_targets` is the true count.
+    Special ids (the tokenizer's PAD, BOS, EOS, MASK, sentinels; for the byte tokenizer every id
+    >= 256) are never selected nor drawn as replacements, and no row is forced to have a target,
+    so a row (or a whole batch) may have none: `num_targets` is the true count.
     """
 
     name = "mlm"
 
-    def __init__(self, mask_prob: float):
+    def __init__(self, mask_prob: float, tokenizer=None):
         self.mask_prob = mask_prob
+        self.sp = _Specials(tokenizer)
 
     def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
         tokens = blocks[:, :-1]  # (B, T)
-        special = tokens >= 256  # ids 0..255 are bytes; everything above is a special id
+        special = self.sp.is_special[tokens]
         # Draws have the full (B, T) shape whatever the content, so `gen` advances the same per batch.
         sel = (torch.rand(tokens.shape, generator=gen) < self.mask_prob) & ~special
         action = torch.rand(tokens.shape, generator=gen)
-        random_bytes = torch.randint(0, 256, tokens.shape, generator=gen)
-        x = torch.where(sel & (action < 0.8), torch.full_like(tokens, MASK), tokens)
-        x = torch.where(sel & (action >= 0.8) & (action < 0.9), random_bytes, x)
+        # A random regular id (byte tokenizer: ids 0..255, the same draws as a random byte).
+        random_ids = self.sp.regular[torch.randint(0, len(self.sp.regular), tokens.shape, generator=gen)]
+        x = torch.where(sel & (action < 0.8), torch.full_like(tokens, self.sp.mask), tokens)
+        x = torch.where(sel & (action >= 0.8) & (action < 0.9), random_ids, x)
         return {"x": x, "sel": sel, "y": tokens}
+
+    def num_target_bytes(self, batch: Batch) -> int:
+        """Bytes of the original tokens at the predicted positions (`y[sel]`)."""
+        return self.sp.count_bytes(batch["y"][batch["sel"]])
 
     def num_targets(self, batch: Batch) -> int:
         return int(batch["sel"].sum())  # may be 0: the caller guards the division
@@ -109,13 +149,14 @@ def _span_noise_mask(length: int, noise: int, spans: int, rng: np.random.Generat
     return mask
 
 
-def _span_counts(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+def _span_counts(length: int, noise_density: float, mean_span: float,
+                 num_sentinels: int = NUM_SENTINELS) -> tuple[int, int]:
     """(noise tokens, noise spans) in `length` tokens, T5's formulas; ConfigError if too many spans."""
     noise = min(max(1, round(length * noise_density)), length - 1)
     spans = max(1, min(round(noise / mean_span), noise, length - noise))
-    if spans > NUM_SENTINELS:
+    if spans > num_sentinels:
         raise ConfigError(f"objective.mean_span={mean_span} gives {spans} spans per sequence but "
-                          f"only {NUM_SENTINELS} sentinels exist; raise objective.mean_span or lower data.seq_len.")
+                          f"only {num_sentinels} sentinels exist; raise objective.mean_span or lower data.seq_len.")
     return noise, spans
 
 
@@ -137,18 +178,23 @@ def span_lengths(seq_len: int, noise_density: float, mean_span: float) -> tuple[
 
 class SpanCorruption(Objective):
     """T5-style span corruption (`span_corruption` in t5.data.preprocessors): each noise span is
-    replaced by one sentinel in the source (sentinel i = VOCAB_SIZE - 1 - i), which ends with EOS;
-    the target lists each sentinel followed by its span, then EOS. Lengths are fixed per block
-    length (`span_lengths`), so no padding is needed."""
+    replaced by one sentinel in the source (`tokenizer.sentinel(i)`; for the byte tokenizer
+    VOCAB_SIZE - 1 - i), which ends with EOS; the target lists each sentinel followed by its span,
+    then EOS. Lengths are fixed per block length (`span_lengths`), so no padding is needed."""
 
     name = "span"
     rows_key = "src"
 
-    def __init__(self, noise_density: float, mean_span: float):
+    def __init__(self, noise_density: float, mean_span: float, tokenizer=None):
         self.noise_density, self.mean_span = noise_density, mean_span
+        self.sp = _Specials(tokenizer)
 
     def _counts(self, length: int) -> tuple[int, int]:
-        return _span_counts(length, self.noise_density, self.mean_span)
+        return _span_counts(length, self.noise_density, self.mean_span, self.sp.num_sentinels)
+
+    def num_target_bytes(self, batch: Batch) -> int:
+        """Bytes of the target `tgt`: the corrupted spans' tokens (sentinels and EOS count 0)."""
+        return self.sp.count_bytes(batch["tgt"])
 
     def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
         tokens = blocks[:, :-1].numpy()
@@ -158,11 +204,11 @@ class SpanCorruption(Objective):
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
         src = np.empty((B, src_len), dtype=np.int64)
         tgt = np.empty((B, tgt_len), dtype=np.int64)
-        src[:, -1] = tgt[:, -1] = EOS  # T5 appends EOS to inputs and targets
+        src[:, -1] = tgt[:, -1] = self.sp.eos  # T5 appends EOS to inputs and targets
         for b in range(B):
             mask = _span_noise_mask(L, noise, spans, rng)
             starts = mask & ~np.concatenate([[False], mask[:-1]])  # first token of each span
-            sentinel = VOCAB_SIZE - np.cumsum(starts)  # span i -> VOCAB_SIZE - 1 - i (at its tokens)
+            sentinel = self.sp.sentinels[np.maximum(np.cumsum(starts) - 1, 0)]  # span i -> sentinel(i)
             keep_src = ~mask | starts  # span starts become sentinels, rest of span dropped
             src[b, :-1] = np.where(starts, sentinel, tokens[b])[keep_src]
             noise_idx = np.flatnonzero(mask)
@@ -170,7 +216,7 @@ class SpanCorruption(Objective):
                               tokens[b][noise_idx]], 1).reshape(-1)  # (sentinel|-1, token) per noise token
             tgt[b, :-1] = pairs[pairs >= 0]
         src_t, tgt_t = torch.from_numpy(src), torch.from_numpy(tgt)
-        tgt_in = torch.cat([torch.full((B, 1), BOS), tgt_t[:, :-1]], dim=1)  # teacher forcing
+        tgt_in = torch.cat([torch.full((B, 1), self.sp.bos), tgt_t[:, :-1]], dim=1)  # teacher forcing
         return {"src": src_t, "tgt_in": tgt_in, "tgt": tgt_t}
 
     def num_targets(self, batch: Batch) -> int:
@@ -180,47 +226,19 @@ class SpanCorruption(Objective):
         return _ce(model(batch["src"], target=batch["tgt_in"]), batch["tgt"])
 
 
-class Contrastive(Objective):
-    """In-batch contrastive (InfoNCE) for retrieval encoders: two disjoint halves of each block
-    are a positive pair, every other sample's half is a negative. Mean-pooled embeddings."""
-
-    name = "contrastive"
-    rows_key = "a"
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-
-    def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
-        tokens = blocks[:, :-1]
-        half = tokens.shape[1] // 2
-        swap = torch.rand(tokens.shape[0], generator=gen) < 0.5  # which half is the query
-        a, b = tokens[:, :half], tokens[:, half:2 * half]
-        return {"a": torch.where(swap[:, None], b, a), "b": torch.where(swap[:, None], a, b)}
-
-    def num_targets(self, batch: Batch) -> int:
-        return batch["a"].shape[0]
-
-    def embed(self, model, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(model(tokens, head=False).float().mean(dim=1), dim=-1)  # (B, D)
-
-    def loss(self, model, batch):
-        za, zb = self.embed(model, batch["a"]), self.embed(model, batch["b"])
-        scores = za @ zb.T / self.temperature  # (B, B): the diagonal holds the positives
-        labels = torch.arange(len(za), device=za.device)
-        loss = F.cross_entropy(scores, labels, reduction="sum")
-        return loss, (scores.argmax(-1) == labels).sum()
-
-
-def build_objective(kind: str, cfg: ObjectiveConfig) -> Objective:
-    """Build the objective named `kind` (already resolved from `auto`)."""
+def build_objective(kind: str, cfg: ObjectiveConfig, tokenizer=None) -> Objective:
+    """Build the objective named `kind` (already resolved from `auto`); its special ids (MASK,
+    sentinels, BOS/EOS) and bytes per id come from `tokenizer` (None: the byte tokenizer)."""
     if kind == "clm":
-        return CausalLM()
+        return CausalLM(tokenizer)
     if kind == "mlm":
-        return MaskedLM(cfg.mask_prob)
+        return MaskedLM(cfg.mask_prob, tokenizer)
     if kind == "span":
-        return SpanCorruption(cfg.noise_density, cfg.mean_span)
+        return SpanCorruption(cfg.noise_density, cfg.mean_span, tokenizer)
     if kind == "contrastive":
-        return Contrastive(cfg.temperature)
+        from trainer.contrastive import Contrastive  # retrieval: pooling, global negatives, GradCache
+
+        return Contrastive(cfg.temperature, cfg.pooling, PAD if tokenizer is None else tokenizer.pad_id)
     raise ConfigError(f"objective={kind!r} is not valid; choose one of: auto, clm, mlm, span, contrastive.")
 
 

@@ -5,6 +5,7 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from typing import Iterator
@@ -16,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from models.build import build_model, num_params
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, resolve_objective, to_container, validate
-from trainer.data import VOCAB_SIZE, BatchStream, load_corpus
+from trainer.contrastive import apply_learned_temperature
+from trainer.init_from import apply_init_from
+from trainer.data import VOCAB_SIZE, BatchStream, blocks_of, corpus_tokenizer, load_corpus, model_vocab_size
+from trainer.compile import apply_compile, reset_compile
 from trainer.distributed import Dist, apply_parallel, init_distributed, teardown, unwrap
 from trainer.flops import peak_flops, train_flops_per_token
 from trainer.loop import Loop, TrainState, fit
@@ -105,6 +109,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         with _process_scope(cfg.trainer.threads) as received:
             return _run(cfg, run_dir, d, received)
     finally:
+        if cfg.trainer.compile:
+            reset_compile()  # a multirun's next job starts without this run's graphs and guards
         teardown(d)
 
 
@@ -117,8 +123,14 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
     meta = {"structure": _structure(cfg), "config": to_container(cfg)}
     payload = ckpt.read_checkpoint(resume_path, meta) if resume_path else None
     corpus = _load_corpus(cfg, d)
+    tokenizer = corpus_tokenizer(corpus)
+    meta["structure"]["tokenizer"] = tokenizer.ident  # a resume with another tokenizer is refused
+    if payload is not None:
+        ckpt.check_structure(payload, resume_path, {"tokenizer": tokenizer.ident}, {"tokenizer": "byte"})
+    if d.is_main and tokenizer.kind != "byte":
+        tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
     _seed_all(cfg.seed)  # identical init on every rank (FSDP shards each rank's local copy)
-    model, n_params = build_wrapped_model(cfg, device, d)
+    model, n_params = build_wrapped_model(cfg, device, d, vocab_size=model_vocab_size(tokenizer))
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps)
     scaler = build_scaler(cfg.precision.dtype, device, cfg.precision.init_scale)
@@ -133,8 +145,8 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
         state = TrainState(**ckpt.restore(payload, resume_path, model=model, optimizer=optimizer,
                                           scheduler=scheduler, scaler=scaler, gen=gen, d=d, sharded=sharded))
         del payload
-    objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective)
-    fpt = train_flops_per_token(cfg.model, cfg.data.seq_len, VOCAB_SIZE)
+    objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective, tokenizer)
+    fpt = train_flops_per_token(cfg.model, cfg.data.seq_len, model_vocab_size(tokenizer))
     # The machine's peak (a GEMM probe, cached per machine) is taken now, in setup, so neither the
     # first logged window's throughput nor the training time pays for it.
     peak = peak_flops(device, cfg.precision.dtype) * d.world_size
@@ -152,11 +164,14 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
                              meta=meta, keep=cfg.trainer.keep_checkpoints, d=d, sharded=sharded)
 
     lp = Loop(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, objective=objective,
-              stream=BatchStream(corpus.train, cfg.trainer.batch_size, cfg.seed), val_blocks=corpus.val,
+              stream=_batch_stream(cfg, corpus, d), val_blocks=blocks_of(corpus, "val"),
               gen=gen, device=device, precision=cfg.precision.dtype, dist=d, logger=logger, cfg=cfg.trainer,
               flops_per_token=fpt, save=save,
               mfu=lambda tps: tps * fpt / peak if peak > 0 else 0.0,
-              stop_signal=lambda: received[0] if received else 0)
+              stop_signal=lambda: received[0] if received else 0,
+              retrieval=_retrieval_set(cfg, objective, corpus))
+    if d.is_main and lp.retrieval is not None and state.step == 0:
+        _bm25(lp.retrieval, logger, state)
     start_step = state.step
     t_fit = time.perf_counter()
     try:
@@ -178,13 +193,72 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
     return _finish(cfg, summary, model, objective, corpus, device, d, t_start)
 
 
+def _retrieval_set(cfg: DictConfig, objective, corpus):
+    """What a contrastive run's evaluation searches: the held-out pairs (data=pairs), or else the
+    two halves of each block of the held-out sample (first half -> its second half)."""
+    if objective.name != "contrastive":
+        return None
+    if hasattr(corpus, "retrieval"):
+        return corpus.retrieval
+    from trainer.heldout import eval_indices
+    from trainer.loop import EVAL_SEED
+    from trainer.pair_data import RetrievalSet
+
+    val = blocks_of(corpus, "val")
+    blocks = val[eval_indices(len(val), cfg.trainer.batch_size, cfg.trainer.eval_batches)]
+    batch = objective.prepare(blocks, torch.Generator().manual_seed(EVAL_SEED))
+    return RetrievalSet(queries=batch["a"], documents=batch["b"], positives=torch.arange(len(blocks)),
+                        query_texts=[], document_texts=[])
+
+
+def _bm25(retrieval, logger: Logger, state: TrainState) -> None:
+    """The lexical baseline on the same held-out search (once per run; data=pairs only)."""
+    if not retrieval.query_texts:
+        return
+    import logging
+
+    from trainer.retrieval import bm25_baseline
+
+    import bm25s  # noqa: F401  (imported first: it sets its own logger to DEBUG on import)
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # its index build would print at DEBUG
+
+    out = bm25_baseline(retrieval.query_texts, retrieval.document_texts, retrieval.positives)
+    metrics = {f"bm25/{k}": v for k, v in out.items() if k in ("recall@1", "recall@10", "mrr@10", "ndcg@10")}
+    state.last.update(metrics)
+    logger.scalars(metrics, 0)
+    logger.message(f"BM25 baseline on the {len(retrieval.query_texts)} held-out queries x "
+                   f"{len(retrieval.document_texts)} documents (the text the encoder sees): " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
+
+
 def _load_corpus(cfg: DictConfig, d: Dist):
     if not d.is_main and d.world_size > 1:
         torch.distributed.barrier()  # rank 0 builds the on-disk corpus cache first
-    corpus = load_corpus(cfg.data, cfg.seed)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if d.is_main else (lambda m: None)
+    if cfg.data.source == "pairs":
+        from trainer.pair_data import load_pair_corpus, pair_tokenizer
+
+        corpus = load_pair_corpus(cfg.data, cfg.seed, pair_tokenizer(cfg.tokenizer, say))
+    else:
+        if cfg.data.streaming:
+            from trainer.data.streaming import load_stream_corpus
+
+            corpus = load_stream_corpus(cfg.data, cfg.seed, cfg.tokenizer,
+                                        cfg.trainer.batch_size * cfg.trainer.eval_batches, say=say)
+        else:
+            corpus = load_corpus(cfg.data, cfg.seed, cfg.tokenizer, say=say)
     if d.is_main and d.world_size > 1:
         torch.distributed.barrier()
     return corpus
+
+
+def _batch_stream(cfg: DictConfig, corpus, d: Dist):
+    """Training batches by step: from the memory-mapped store, or (data.streaming) from `datasets`."""
+    if cfg.data.streaming:
+        from trainer.data.streaming import StreamingBatches
+
+        return StreamingBatches(cfg.data, cfg.seed, corpus.tokenizer, cfg.trainer.batch_size, d, corpus.skip_docs)
+    return BatchStream(blocks_of(corpus, "train"), cfg.trainer.batch_size, cfg.seed)
 
 
 def build_wrapped_model(cfg: DictConfig, device: torch.device, d: Dist,
@@ -195,11 +269,13 @@ def build_wrapped_model(cfg: DictConfig, device: torch.device, d: Dist,
     """
     model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=vocab_size,
                         max_len=cfg.data.seq_len)
+    if resolve_objective(cfg.model.arch, cfg.objective.kind) == "contrastive" and cfg.objective.learn_temperature:
+        apply_learned_temperature(model, cfg.objective.temperature)
+    model = apply_init_from(model, cfg.model.init_from)
     n_params = num_params(model)
     model = apply_qat(model, cfg.quantize)
     model.to(device)
-    if cfg.trainer.compile:
-        model = torch.compile(model)
+    model = apply_compile(model, cfg.trainer.compile)  # regional: each block, in place
     return apply_parallel(model, cfg.parallel.kind, device, d), n_params
 
 
@@ -212,8 +288,13 @@ def _announce(logger: Logger, cfg: DictConfig, run_dir: str, resume_path: str | 
     logger.config(OmegaConf.to_yaml(cfg, resolve=True), hp, step)
     where = f"resuming from {resume_path} at step {step}" if resume_path else "starting"
     logger.message(f"run dir {run_dir}: {where}; {n_params / 1e6:.2f}M parameters, "
-                   f"{len(corpus.train)} train / {len(corpus.val)} val blocks of {cfg.data.seq_len} tokens, "
+                   f"{_train_size(cfg, corpus)} train / {len(blocks_of(corpus, 'val'))} val blocks of "
+                   f"{cfg.data.seq_len} tokens ({corpus_tokenizer(corpus).kind} tokenizer), "
                    f"device {device}, {d.world_size} process(es)")
+
+
+def _train_size(cfg: DictConfig, corpus) -> str:
+    return "streamed" if cfg.data.streaming else str(len(blocks_of(corpus, "train")))
 
 
 def _finish(cfg: DictConfig, summary: dict, model: torch.nn.Module, objective, corpus, device: torch.device,
@@ -233,7 +314,8 @@ def _finish(cfg: DictConfig, summary: dict, model: torch.nn.Module, objective, c
         save_weights(weights, os.path.join(run_dir, "model.safetensors"), to_container(cfg))
         if cfg.quantize.method != "none":
             summary["quantize"] = post_training_report(cfg, unwrap(model) if not sharded else None, weights,
-                                                       corpus.val, objective, device, run_dir)
+                                                       blocks_of(corpus, "val"), objective, device, run_dir,
+                                                       retrieval=_retrieval_set(cfg, objective, corpus))
         write_summary(os.path.join(run_dir, "summary.json"), summary)
     return summary
 

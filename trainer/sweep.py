@@ -10,8 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-COLUMNS = ("status", "eval/loss", "eval/accuracy", "eval/perplexity", "train/loss", "tokens_per_sec", "mfu",
-           "peak_memory_mb", "parameters", "setup_time_s", "train_time_s", "wall_time_s", "error")
+COLUMNS = ("status", "eval/loss", "eval/bits_per_byte", "eval/accuracy", "eval/perplexity", "train/loss",
+           "tokens_per_sec", "mfu", "peak_memory_mb", "parameters", "setup_time_s", "train_time_s", "wall_time_s", "error")
 
 
 def _status(summary: dict) -> str:

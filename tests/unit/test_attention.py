@@ -305,3 +305,45 @@ def test_non_contiguous_inputs(kernel: str) -> None:
         out.sum().backward()
         grads.append((out.detach(), fused.grad.clone()))
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+
+
+MASK_FREE_BF16 = {"plain": {}, "causal": {"causal": True}, "gqa_causal": {"hkv": 2, "causal": True},
+                  "mqa_causal": {"hkv": 1, "causal": True}, "cross": {"tq": 19, "tk": 45},
+                  "cross_causal": {"tq": 19, "tk": 45, "causal": True}}
+
+
+@pytest.mark.parametrize("case", list(MASK_FREE_BF16))
+def test_bf16_flash_short_sequences_take_the_matmul_softmax_path(case: str, monkeypatch) -> None:
+    """Mask-free bf16 on CPU below MATMUL_SOFTMAX_MAX_SCORES runs two bf16 GEMMs + softmax (faster
+    than SDPA's CPU kernel there); it matches fp32 attention (outputs and grads, top-left causal
+    alignment as SDPA's is_causal) to bf16 precision, and future keys never reach a causal row."""
+    import models.attention as attn_mod
+
+    calls = []
+    real = attn_mod._matmul_softmax
+    monkeypatch.setattr(attn_mod, "_matmul_softmax", lambda *a: calls.append(1) or real(*a))
+    inputs = make_inputs(dtype=torch.bfloat16, **MASK_FREE_BF16[case])
+    expected = run(detached_copy(inputs, torch.float32), "standard")
+    got = run(inputs, "flash")
+    assert calls and got[0].dtype == torch.bfloat16
+    assert_all_close([t.float() for t in got], expected, tol=BF16_TOL)
+    if inputs["causal"]:
+        t = 10
+        with torch.no_grad():
+            for name in ("k", "v"):
+                inputs[name][:, :, t + 1:] += 3.0
+        moved = run(inputs, "flash")[0]
+        torch.testing.assert_close(moved[:, :, : t + 1], got[0][:, :, : t + 1], atol=0, rtol=0)
+
+
+def test_matmul_softmax_only_for_short_bf16_cpu_without_dropout() -> None:
+    from models.attention import MATMUL_SOFTMAX_MAX_SCORES, _use_matmul_softmax
+
+    def qk(t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return torch.zeros(1, 1, t, 8, dtype=dtype), torch.zeros(1, 1, t, 8, dtype=dtype)
+
+    side = int(MATMUL_SOFTMAX_MAX_SCORES ** 0.5)
+    assert _use_matmul_softmax(*qk(side, torch.bfloat16), 0.0)
+    assert not _use_matmul_softmax(*qk(side + 1, torch.bfloat16), 0.0)  # long: SDPA (O(T) memory)
+    assert not _use_matmul_softmax(*qk(64, torch.float32), 0.0)  # fp32: SDPA is faster
+    assert not _use_matmul_softmax(*qk(64, torch.bfloat16), 0.1)  # dropout: SDPA's

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import trainer.data
+import trainer.data.sources
 from conftest import compose_cfg
 from trainer.config import ConfigError
 from trainer.data import BOS, EOS, load_corpus
@@ -94,7 +94,7 @@ def test_jsonl_that_is_not_utf8_is_refused_with_file_offset_and_the_key(tmp_path
 @pytest.mark.parametrize("chunk", [1, 3, 1 << 24])
 def test_jsonl_offset_is_exact_however_the_file_is_read(tmp_path, monkeypatch, chunk):
     """.jsonl files are checked in chunks: a character cut by a chunk is fine, the offset is the file's."""
-    monkeypatch.setattr(trainer.data, "_READ_CHUNK", chunk)
+    monkeypatch.setattr(trainer.data.sources, "_READ_CHUNK", chunk)
     raw = '{"text": "\u00e9t\u00e9 \u2603\u65e5"}\n'.encode("utf-8") * 3 + b'{"text": "\xc3\xa9\xe9"}\n'
     path = tmp_path / "late.jsonl"
     path.write_bytes(raw)

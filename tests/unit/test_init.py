@@ -2,6 +2,7 @@
 architecture x position x norm x placement, at the suite's tiny size and the default size."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -15,7 +16,10 @@ from trainer.data import BOS, EOS, VOCAB_SIZE
 from trainer.objectives import build_objective
 
 SIZES = {"tiny": ["model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.d_ff=128"],
-         "default": ["model.d_model=192", "model.num_layers=4", "model.num_heads=6", "model.d_ff=768"]}
+         "default": ["model.d_model=192", "model.num_layers=4", "model.num_heads=6", "model.d_ff=768"],
+         # experiment=bench_ref's width, where an unscaled tied head under post-norm started at
+         # ln V + 1.7 (fewer layers than bench_ref: depth does not change the first loss).
+         "d384": ["model.d_model=384", "model.num_layers=1", "model.num_heads=6", "model.d_ff=1536"]}
 
 
 def _blocks(rows: int, length: int) -> torch.Tensor:
@@ -25,25 +29,57 @@ def _blocks(rows: int, length: int) -> torch.Tensor:
     return ids.view(rows, length)
 
 
+@functools.lru_cache(maxsize=None)
+def _base_cfg(size: str):
+    return compose_cfg(*SIZES[size], "data.seq_len=64")
+
+
+def _first_loss(size: str, arch: str, pos: str, norm: str, place: str, head_scale: float | None = None) -> float:
+    """Mean loss of the untrained model (seed 0) on real text, by the objective `model=arch` trains."""
+    cfg = _base_cfg(size).copy()  # the groups' options only set these kinds: one compose per size
+    cfg.model.arch, cfg.position.kind, cfg.norm.kind, cfg.norm.placement = arch, pos, norm, place
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE, max_len=64)
+    if head_scale is not None:
+        model.head_scale = head_scale
+    objective = build_objective(resolve_objective(arch, "auto"), cfg.objective)
+    batch = objective.prepare(_blocks(4, 65), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss_sum, _ = objective.loss(model, batch)
+    return loss_sum.item() / objective.num_targets(batch)
+
+
 @pytest.mark.parametrize("size", list(SIZES))
 def test_first_loss_is_near_uniform_for_every_component_choice(size):
-    blocks = _blocks(4, 65)
     worst = []
     for arch, pos, norm, place in itertools.product(
             ["decoder", "encoder", "encoder_decoder"], ["sinusoidal", "learned", "relative", "rope", "alibi", "none"],
             ["layernorm", "rmsnorm", "batchnorm"], ["pre", "post"]):
-        cfg = compose_cfg(*SIZES[size], f"model={arch}", f"position={pos}", f"norm={norm}",
-                          f"norm.placement={place}", "data.seq_len=64")
-        torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE, max_len=64)
-        objective = build_objective(resolve_objective(arch, "auto"), cfg.objective)
-        batch = objective.prepare(blocks, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            loss_sum, _ = objective.loss(model, batch)
-        worst.append((abs(loss_sum.item() / objective.num_targets(batch) - math.log(VOCAB_SIZE)),
-                      arch, pos, norm, place))
+        worst.append((abs(_first_loss(size, arch, pos, norm, place) - math.log(VOCAB_SIZE)), arch, pos, norm, place))
     worst.sort()
     assert worst[-1][0] < 0.5, worst[-5:]
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder", "encoder_decoder"])
+def test_post_norm_tied_head_is_scaled_by_one_over_width(arch):
+    """Post-norm with a tied head scales the head's input by 1 / (0.02 d) (muP-style 1/width
+    readout, capped at 1); without it the untrained d-384 model predicts its input token and
+    starts > 0.5 nats above ln V."""
+    cfg = compose_cfg(*SIZES["d384"], f"model={arch}", "norm.placement=post")
+    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE, max_len=64)
+    assert model.head_scale == pytest.approx(1 / (0.02 * 384))
+    narrow = compose_cfg("model.d_model=32", f"model={arch}", "norm.placement=post")
+    assert build_model(narrow.model, narrow.attention, narrow.position, narrow.norm, vocab_size=VOCAB_SIZE,
+                       max_len=64).head_scale == 1.0  # 0.02 * 32 < 1: the input token's logit is < 1
+    pre = compose_cfg(*SIZES["d384"], f"model={arch}", "norm.placement=pre")
+    assert build_model(pre.model, pre.attention, pre.position, pre.norm, vocab_size=VOCAB_SIZE,
+                       max_len=64).head_scale == 1.0
+    untied = compose_cfg(*SIZES["d384"], f"model={arch}", "norm.placement=post", "model.tie_embeddings=false")
+    assert build_model(untied.model, untied.attention, untied.position, untied.norm, vocab_size=VOCAB_SIZE,
+                       max_len=64).head_scale == 1.0
+    ln_v = math.log(VOCAB_SIZE)
+    assert abs(_first_loss("d384", arch, "rope", "layernorm", "post") - ln_v) < 0.5
+    assert _first_loss("d384", arch, "rope", "layernorm", "post", head_scale=1.0) > ln_v + 0.5
 
 
 def test_embedding_is_gpt2_initialised_and_unscaled():

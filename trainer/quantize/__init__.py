@@ -198,17 +198,25 @@ def finalize_qat(model: nn.Module, weights: dict) -> dict:
 
 # ---------------------------------------------------------------- build, save, load
 
-def build_init_model(cfg) -> nn.Module:
-    """A freshly initialized unquantized model for root config `cfg` (caller's RNG untouched)."""
+def build_init_model(cfg, vocab_size: int = VOCAB_SIZE) -> nn.Module:
+    """A freshly initialized unquantized model for root config `cfg` with `vocab_size` embedding
+    rows (caller's RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
-        return build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE,
+        return build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=vocab_size,
                            max_len=cfg.data.seq_len)
 
 
+def _vocab(weights: dict) -> int:
+    """Embedding rows of a state_dict (the tokenizer's vocabulary, rounded as the run built it)."""
+    embed = weights.get("embed.weight")
+    return int(embed.shape[0]) if embed is not None else VOCAB_SIZE
+
+
 def build_float_model(cfg, weights: dict) -> nn.Module:
-    """An unquantized model for root config `cfg`, loaded with the plain state_dict `weights`."""
-    model = build_init_model(cfg)
-    model.load_state_dict(weights)
+    """An unquantized model for root config `cfg`, loaded with the plain state_dict `weights`
+    (a contrastive run's learned `logit_scale` only scales its training loss and is left out)."""
+    model = build_init_model(cfg, _vocab(weights))
+    model.load_state_dict({k: v for k, v in weights.items() if k != "logit_scale"})
     return model.eval()
 
 
@@ -224,7 +232,7 @@ def load_quantized(path: str, cfg, method: str | None = None) -> nn.Module:
 
     _ao()
     state = safe_load(path, what="quantized weights")
-    model = build_init_model(cfg)
+    model = build_init_model(cfg, _vocab(state))
     zeros = [k for k in state if k.endswith(".zero")]
     if zeros and (method or cfg.quantize.method) in ("weight_int4", "none"):  # the int4 fallback's layout
         packed, scale = state[zeros[0].removesuffix("zero") + "weight"], state[zeros[0]]
@@ -242,7 +250,7 @@ def quantized_layers(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------- the report
 
-def post_training_report(cfg, model, weights, val_blocks, objective, device, run_dir) -> dict:
+def post_training_report(cfg, model, weights, val_blocks, objective, device, run_dir, retrieval=None) -> dict:
     """Quantize the trained weights and compare them with fp32 and bf16; writes model_<method>.pt
     and quantize.md.
 
@@ -251,6 +259,8 @@ def post_training_report(cfg, model, weights, val_blocks, objective, device, run
             `weights`, so no DDP/compile/FSDP wrapper or fake-quant layer leaks into the numbers.
         weights: the plain trained state_dict. val_blocks: validation token blocks.
         objective: the run's objective. device: where to measure. run_dir: output directory.
+        retrieval: for a contrastive run, the held-out search (`trainer.pair_data.RetrievalSet`):
+            fp32, bf16 (autocast and weights) and the quantized model are also compared on it.
     Returns:
         The numbers for summary.json: per-variant rows plus the quantized-vs-fp32 headline.
     """
@@ -291,6 +301,26 @@ def post_training_report(cfg, model, weights, val_blocks, objective, device, run
               + (f" (fallback: {info['fallback']})" if info["fallback"] else "")
               + f". Kept in full precision: {FULL_PRECISION}.\nSaved: {os.path.basename(path)} "
               f"(load with trainer.quantize.load_quantized).\n\n")
+    retrieval_rows = None
+    if retrieval is not None:
+        from trainer.quantize.retrieval_report import compare_retrieval, format_retrieval_table
+
+        by_retrieval = {"fp32": (fp32, "fp32"), "bf16 autocast": (fp32, "bf16"),
+                        "bf16 weights": variants["bf16 weights"][:2], name: (quant, "fp32")}
+        retrieval_rows = compare_retrieval(by_retrieval, retrieval, objective.pad_id, objective.pooling,
+                                           cfg.trainer.batch_size, device)
+        from trainer.quantize.long_context import format_long_context, longest_documents
+
+        budget = q.get("context_budget_mb", 256.0)
+        longest = longest_documents(cfg, budget, cfg.data.seq_len, q.get("max_context") or 16 * cfg.data.seq_len,
+                                    device)
+        header += (f"## Retrieval on the held-out search\n\n{len(retrieval.queries)} queries x "
+                   f"{len(retrieval.documents)} documents; docs/s = embedding throughput (batch "
+                   f"{cfg.trainer.batch_size}, same threads, variants interleaved, median of 3 passes); Δ in "
+                   f"metric points against fp32.\n\n{format_retrieval_table(retrieval_rows)}\n\n## Longest document per attention kernel\n\n"
+                   f"One document (batch 1, no grad) embedded at doubling lengths; extra memory measured (peak "
+                   f"{'allocated' if device.type == 'cuda' else 'resident set'} above the level before).\n\n"
+                   f"{format_long_context(longest, budget)}\n\n## Loss\n\n")
     with open(os.path.join(run_dir, "quantize.md"), "w") as f:
         f.write(header + format_table(rows) + "\n")
     print(f"quantize={q.method}: {path}\n{format_table(rows)}", file=sys.stderr)
@@ -304,6 +334,9 @@ def post_training_report(cfg, model, weights, val_blocks, objective, device, run
                                    "fallback")},
            "fp32": {k: rows[batches["baseline"]][k] for k in ("size_mb", "latency_ms", "eval_loss", "accuracy")},
            "variants": rows}
+    if retrieval_rows is not None:
+        out["retrieval"] = retrieval_rows
+        out["longest_document"] = {"budget_mb": budget, **longest}
     if name + " + compile" in rows:
         out["compiled"] = {k: rows[name + " + compile"][k] for k in ("latency_ms", "speedup", "kernel")}
     return out

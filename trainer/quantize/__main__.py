@@ -73,13 +73,23 @@ def quantize_run(run_dir: str, cfg) -> dict:
     weights = safe_load(os.path.join(run_dir, "model.pt"), what="weights")
     cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
-    objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective)
+    from trainer.data import blocks_of
+    from trainer.load import load_tokenizer
+
+    tokenizer = load_tokenizer(run_dir, cfg)
+    objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective, tokenizer)
     old_threads = torch.get_num_threads()
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     try:
-        report = post_training_report(cfg, None, weights, load_corpus(cfg.data, cfg.seed).val, objective,
-                                      device, run_dir)
+        if cfg.data.source == "pairs":  # a retrieval encoder: the report also judges it by retrieval
+            from trainer.pair_data import load_pair_corpus
+
+            pairs = load_pair_corpus(cfg.data, cfg.seed, tokenizer)
+            val, retrieval = pairs.val, pairs.retrieval
+        else:
+            val, retrieval = blocks_of(load_corpus(cfg.data, cfg.seed, tokenizer=tokenizer), "val"), None
+        report = post_training_report(cfg, None, weights, val, objective, device, run_dir, retrieval=retrieval)
     finally:
         torch.set_num_threads(old_threads)
     path = os.path.join(run_dir, "summary.json")
