@@ -1,7 +1,8 @@
 """`key=value` command lines for the small tools (generate, evaluate): typed, and one sentence on error."""
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Callable
 
 from trainer.config import ConfigError
 
@@ -41,3 +42,13 @@ def parse_args(argv: list[str], spec: dict[str, tuple[type, Any]], tool: str,
             valid = ", ".join(list(spec) + [p + "..." for p in passthrough])
             raise ConfigError(f"{key} is not a key of {tool}; valid keys: {valid}.")
     return values, raw
+
+
+def run_tool(fn: Callable[[list[str]], Any], argv: list[str]) -> int:
+    """Run a tool's `fn(argv)`; bad input (ConfigError) is one `error:` sentence on stderr and exit 2."""
+    try:
+        fn(argv)
+    except ConfigError as e:
+        print(f"error: {str(e).rstrip('.')}.", file=sys.stderr)
+        return 2
+    return 0

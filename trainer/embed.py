@@ -174,12 +174,10 @@ def run_embed(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        run_embed(argv)
-    except ConfigError as e:
-        print(f"error: {str(e).rstrip('.')}.", file=sys.stderr)
-        return 2
-    return 0
+    """The command line; returns the exit status (2 on bad input, with one `error:` sentence)."""
+    from trainer.cli_args import run_tool
+
+    return run_tool(run_embed, argv)
 
 
 if __name__ == "__main__":
