@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         kernels[method] = f"{info['library']} {info['config']}; kernel: {info['kernel']}" + (
             f" (fallback: {info['fallback']})" if info["fallback"] else "")
     obj = Contrastive(cfg.objective.temperature, cfg.objective.pooling, tokenizer.pad_id)
-    bc.log(f"{bc.environment(device)}; {threads} threads; load {bc.load_average()}")
+    bc.log(f"{bc.environment(device)}; {threads} threads; {bc.load_average()}")
     bc.log(f"held-out search: {len(retrieval.queries)} queries x {len(retrieval.documents)} documents, "
            f"seq_len {cfg.data.seq_len}, batch {batch}")
     rows = compare_retrieval(variants, retrieval, obj.pad_id, obj.pooling, batch, device, repeats=args.repeats)

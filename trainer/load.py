@@ -108,8 +108,11 @@ def build_run_model(cfg: DictConfig, weights: dict[str, torch.Tensor], where: st
         model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=vocab_size,
                             max_len=cfg.data.seq_len)
     try:
-        # A contrastive run's learned `logit_scale` only scaled its training loss: not part of the model.
-        model.load_state_dict({k: v for k, v in weights.items() if k != "logit_scale"})
+        if "logit_scale" in weights:  # a contrastive run's learned temperature (it scales the loss)
+            from trainer.contrastive import apply_learned_temperature
+
+            apply_learned_temperature(model, cfg.objective.temperature)
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise ConfigError(f"the weights{' in ' + where if where else ''} do not fit the run's model "
                           f"({str(e).splitlines()[0][:160]}).") from e

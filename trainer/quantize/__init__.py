@@ -214,9 +214,13 @@ def _vocab(weights: dict) -> int:
 
 def build_float_model(cfg, weights: dict) -> nn.Module:
     """An unquantized model for root config `cfg`, loaded with the plain state_dict `weights`
-    (a contrastive run's learned `logit_scale` only scales its training loss and is left out)."""
+    (with a contrastive run's learned `logit_scale`, which scales its loss, when it has one)."""
     model = build_init_model(cfg, _vocab(weights))
-    model.load_state_dict({k: v for k, v in weights.items() if k != "logit_scale"})
+    if "logit_scale" in weights:
+        from trainer.contrastive import apply_learned_temperature
+
+        apply_learned_temperature(model, cfg.objective.temperature)
+    model.load_state_dict(weights)
     return model.eval()
 
 
@@ -233,6 +237,10 @@ def load_quantized(path: str, cfg, method: str | None = None) -> nn.Module:
     _ao()
     state = safe_load(path, what="quantized weights")
     model = build_init_model(cfg, _vocab(state))
+    if "logit_scale" in state:  # a contrastive run's learned temperature
+        from trainer.contrastive import apply_learned_temperature
+
+        apply_learned_temperature(model, cfg.objective.temperature)
     zeros = [k for k in state if k.endswith(".zero")]
     if zeros and (method or cfg.quantize.method) in ("weight_int4", "none"):  # the int4 fallback's layout
         packed, scale = state[zeros[0].removesuffix("zero") + "weight"], state[zeros[0]]
