@@ -190,7 +190,7 @@ def _run(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
                "flops_per_token": fpt, "peak_flops": peak, "world_size": d.world_size, "device": str(device),
                "run_dir": run_dir, "setup_time_s": t_fit - t_start, "train_time_s": time.perf_counter() - t_fit,
                **state.last}
-    return _finish(cfg, summary, model, objective, corpus, device, d, t_start)
+    return _finish(cfg, summary, model, objective, corpus, device, d, t_start, lp.retrieval)
 
 
 def _retrieval_set(cfg: DictConfig, objective, corpus):
@@ -298,8 +298,9 @@ def _train_size(cfg: DictConfig, corpus) -> str:
 
 
 def _finish(cfg: DictConfig, summary: dict, model: torch.nn.Module, objective, corpus, device: torch.device,
-            d: Dist, t_start: float) -> dict:
-    """Final weights (model.pt), post-training quantization, summary.json."""
+            d: Dist, t_start: float, retrieval=None) -> dict:
+    """Final weights (model.pt), post-training quantization (judged by retrieval too when the run
+    has a held-out search), summary.json."""
     sharded = cfg.parallel.kind == "fsdp"
     weights = _final_weights(model, sharded)
     if cfg.quantize.method == "qat_int8":
@@ -315,7 +316,7 @@ def _finish(cfg: DictConfig, summary: dict, model: torch.nn.Module, objective, c
         if cfg.quantize.method != "none":
             summary["quantize"] = post_training_report(cfg, unwrap(model) if not sharded else None, weights,
                                                        blocks_of(corpus, "val"), objective, device, run_dir,
-                                                       retrieval=_retrieval_set(cfg, objective, corpus))
+                                                       retrieval=retrieval)
         write_summary(os.path.join(run_dir, "summary.json"), summary)
     return summary
 

@@ -13,14 +13,6 @@ from trainer.quantize.report import MB, _sync, state_dict_bytes
 METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
 
 
-def embed_variant(model: nn.Module, rows: torch.Tensor, pad_id: int, pooling: str, batch_size: int,
-                  device: torch.device, precision: str) -> torch.Tensor:
-    """(N, D) fp32 embeddings of token rows (N, L) by one variant (`trainer.contrastive.embed_rows`)."""
-    from trainer.contrastive import embed_rows
-
-    return embed_rows(model, rows, pad_id, pooling, batch_size, device, precision)
-
-
 def compare_retrieval(variants: dict[str, tuple[nn.Module, str]], retrieval, pad_id: int, pooling: str,
                       batch_size: int, device: torch.device, repeats: int = 3, baseline: str = "fp32",
                       throughput_docs: int = 512) -> dict[str, dict]:
@@ -35,12 +27,13 @@ def compare_retrieval(variants: dict[str, tuple[nn.Module, str]], retrieval, pad
         {name: {size_mb, docs_per_s, recall@1, recall@10, mrr@10, ndcg@10, and *_delta against
         `baseline` (absolute, in metric points), size_ratio, speedup}}.
     """
+    from trainer.contrastive import embed_rows
     from trainer.retrieval import retrieval_metrics
 
     rows: dict[str, dict] = {}
     for name, (model, precision) in variants.items():
-        q = embed_variant(model, retrieval.queries, pad_id, pooling, batch_size, device, precision)
-        d = embed_variant(model, retrieval.documents, pad_id, pooling, batch_size, device, precision)
+        q = embed_rows(model, retrieval.queries, pad_id, pooling, batch_size, device, precision)
+        d = embed_rows(model, retrieval.documents, pad_id, pooling, batch_size, device, precision)
         rows[name] = {"precision": precision, "size_mb": state_dict_bytes(model.state_dict()) / MB,
                       **retrieval_metrics(q @ d.T, retrieval.positives)}
     timed_rows = retrieval.documents[:throughput_docs]
@@ -50,7 +43,7 @@ def compare_retrieval(variants: dict[str, tuple[nn.Module, str]], retrieval, pad
             model, precision = variants[name]
             _sync(device)
             start = time.perf_counter()
-            embed_variant(model, timed_rows, pad_id, pooling, batch_size, device, precision)
+            embed_rows(model, timed_rows, pad_id, pooling, batch_size, device, precision)
             _sync(device)
             if r:
                 times[name].append(time.perf_counter() - start)
