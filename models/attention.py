@@ -122,33 +122,108 @@ def _sdpa_kv(q: Tensor, k: Tensor, v: Tensor, masked: bool) -> tuple[Tensor, Ten
     return _repeat_kv(k, h), _repeat_kv(v, h), {}
 
 
-# Longest query x key product for which the matmul-softmax path beats SDPA's CPU flash kernel
-# in bf16 (2 threads, causal fwd+bwd, B=8 H=6 Dh=64, AVX512-BF16 EPYC: T=128 4.7 vs 12.7 ms,
-# T=256 13-18 vs 25-27, T=512 49-55 vs 79-86, T=1024 275-286 vs 188-197); beyond it SDPA wins
-# and the saved (Tq, Tk) probabilities would cost O(T^2) memory.
-MATMUL_SOFTMAX_MAX_SCORES = 512 * 512
+# Where the matmul-softmax path (`_matmul_softmax`) beats SDPA's fused CPU kernel, as the longest
+# query x key product per dtype and masking, measured fwd+bwd with 2 threads on B=8 H=6 Dh=64
+# (AMD EPYC, AVX512-BF16/VNNI; scripts/bench_attention.py --kernels flash sdpa): causal bf16
+# T=256 9.7 vs 24.2 ms, T=512 32 vs 78, T=1024 128 vs 202; causal fp32 T=256 20 vs 22, T=512 68
+# vs 100, T=1024 253 vs 245 (a tie: SDPA, which also saves O(T) instead of O(T^2) memory);
+# non-causal bf16 T=512 59 vs 83; non-causal fp32 T=128 7.0 vs 9.1, T=256 27 vs 23.
+MATMUL_SOFTMAX_MAX_SCORES = {(torch.bfloat16, True): 1024 * 1024, (torch.bfloat16, False): 512 * 512,
+                             (torch.float32, True): 512 * 512, (torch.float32, False): 128 * 128}
+# Query block of the causal matmul-softmax path: block i (queries [i c, (i+1) c)) only multiplies
+# the keys it can see, [0, (i+1) c), so a causal product does ~(n+1)/2n of the full one's work.
+# 128 was fastest at T=256..1024 (64 pays more per-call overhead, 256 skips less work).
+CAUSAL_QUERY_BLOCK = 128
 
 
-def _causal_bias(tq: int, tk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(Tq, Tk) additive mask: 0 where key j <= query i (top-left aligned, as SDPA), -inf above.
-    Built per call (tens of microseconds), not cached: a cache would be opaque to torch.compile."""
-    return torch.full((tq, tk), float("-inf"), dtype=dtype, device=device).triu(1)
+def _causal_bias(tq: int, tk: int, dtype: torch.dtype, device: torch.device, offset: int = 0) -> Tensor:
+    """(Tq, Tk) additive mask for queries offset..offset+Tq-1: 0 where key j <= query i (top-left
+    aligned, as SDPA), -inf above. Built per call (tens of microseconds), not cached: a cache would
+    be opaque to torch.compile."""
+    return torch.full((tq, tk), float("-inf"), dtype=dtype, device=device).triu(1 + offset)
 
 
-def _use_matmul_softmax(q: Tensor, k: Tensor, dropout_p: float) -> bool:
-    """bf16 on CPU: SDPA's flash kernel runs its small per-tile GEMMs far below the native bf16
-    GEMM rate, while two batched GEMMs plus one softmax run near it (the CPU has native bf16
-    dot products: AVX512-BF16 or AMX). Short sequences only (memory is O(Tq * Tk))."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0
-            and q.shape[2] * k.shape[2] <= MATMUL_SOFTMAX_MAX_SCORES)
+def _use_matmul_softmax(q: Tensor, k: Tensor, dropout_p: float, causal: bool = True) -> bool:
+    """Whether mask-free CPU attention runs as batched GEMMs plus one softmax instead of SDPA's
+    fused kernel: for short sequences SDPA's small per-tile GEMMs run far below the GEMM rate
+    (bf16 most of all: the CPU's native bf16 dot products need long GEMMs), while a few batched
+    GEMMs run near it. Memory is O(Tq * Tk), hence the per-dtype limits in
+    MATMUL_SOFTMAX_MAX_SCORES."""
+    limit = MATMUL_SOFTMAX_MAX_SCORES.get((q.dtype, causal), 0)
+    return (q.device.type == "cpu" and dropout_p == 0.0 and k.dtype == q.dtype
+            and q.shape[2] * k.shape[2] <= limit)
+
+
+def _query_blocks(tq: int, tk: int, causal: bool, block: int) -> list[tuple[int, int, int]]:
+    """(query start, query end, keys seen) per query block: causal rows [s, e) see keys [0, min(e, Tk));
+    without a causal mask one block covers every query and key."""
+    if not causal:
+        return [(0, tq, tk)]
+    return [(s, min(s + block, tq), min(s + block, tq, tk)) for s in range(0, tq, block)]
+
+
+class _MatmulSoftmax(torch.autograd.Function):
+    """softmax(q k^T / sqrt(Dh) + causal mask) v as batched GEMMs, query block by query block.
+
+    Forward per block: scores = baddbmm(mask, q_blk, k_seen^T, alpha=1/sqrt(Dh)) (scale and mask
+    fused into the GEMM), p = softmax(scores) (the kernel accumulates in fp32 for bf16 inputs, as
+    autocast's fp32 softmax would, and rounds p to the input dtype), out_blk = p v_seen. Backward is
+    the standard softmax-attention backward: dv += p^T do, dp = do v^T, ds = p * (dp - rowsum(dp * p)),
+    dq = ds k / sqrt(Dh), dk += ds^T q / sqrt(Dh), from the saved p (about Tq * Tk / 2 elements per
+    head when causal, Tq * Tk otherwise).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, block: int) -> Tensor:
+        b, h, tq, dh = q.shape
+        tk = k.shape[2]
+        q3, k3, v3 = q.reshape(b * h, tq, dh), k.reshape(b * h, tk, dh), v.reshape(b * h, tk, dh)
+        scale = dh ** -0.5
+        blocks = _query_blocks(tq, tk, causal, block)
+        probs, outs = [], []
+        with torch.autocast(q.device.type, enabled=False):
+            for s, e, seen in blocks:
+                kt = k3[:, :seen].transpose(1, 2)
+                if causal:
+                    scores = torch.baddbmm(_causal_bias(e - s, seen, q.dtype, q.device, s), q3[:, s:e], kt,
+                                           alpha=scale)
+                else:
+                    scores = torch.bmm(q3, kt).mul_(scale)
+                p = torch.softmax(scores, dim=-1)
+                probs.append(p)
+                outs.append(torch.bmm(p, v3[:, :seen]))
+        ctx.save_for_backward(q3, k3, v3, *probs)
+        ctx.blocks, ctx.shape = blocks, (b, h, tq, tk, dh)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out.view(b, h, tq, dh)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q3, k3, v3, *probs = ctx.saved_tensors
+        b, h, tq, tk, dh = ctx.shape
+        scale = dh ** -0.5
+        do3 = grad_out.reshape(b * h, tq, dh)
+        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
+        dqs = []
+        for (s, e, seen), p in zip(ctx.blocks, probs):
+            do = do3[:, s:e]
+            dv[:, :seen].baddbmm_(p.transpose(1, 2), do)
+            ds = torch._softmax_backward_data(torch.bmm(do, v3[:, :seen].transpose(1, 2)), p, -1, p.dtype)
+            dqs.append(torch.bmm(ds, k3[:, :seen]))
+            dk[:, :seen].baddbmm_(ds.transpose(1, 2), q3[:, s:e])
+        dq = (dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=1)).mul_(scale)
+        dk.mul_(scale)
+        return dq.view(b, h, tq, dh), dk.view(b, h, tk, dh), dv.view(b, h, tk, dh), None, None
 
 
 def _matmul_softmax(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    """softmax(q k^T / sqrt(Dh) + causal mask) v with bf16 GEMMs; the softmax's exp and sum are
-    computed in fp32 inside the kernel (as autocast's fp32 softmax would), rounded to bf16."""
+    """softmax(q k^T / sqrt(Dh) + causal mask) v with batched GEMMs (`_MatmulSoftmax`; causal rows
+    in blocks of CAUSAL_QUERY_BLOCK queries that skip the keys they cannot see). Under
+    torch.compile the same maths as plain ops, for the compiler to fuse."""
     h, tq, dh = q.shape[1], q.shape[2], q.shape[3]
     k, v = _repeat_kv(k, h), _repeat_kv(v, h)
-    # Scaling q (B, H, Tq, Dh) costs Dh/Tk of scaling the scores.
+    if not torch.compiler.is_compiling():
+        return _MatmulSoftmax.apply(q, k, v, causal, CAUSAL_QUERY_BLOCK)
     scores = torch.matmul(q * dh ** -0.5, k.transpose(-2, -1))  # (B, H, Tq, Tk)
     if causal:
         scores = scores + _causal_bias(tq, k.shape[2], scores.dtype, scores.device)
@@ -159,10 +234,10 @@ def _flash(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, rel_bias: Tensor | None,
     key_padding_mask: Tensor | None, dropout_p: float,
 ) -> Tensor:
-    """Attention through ``F.scaled_dot_product_attention`` (or, for short bf16 sequences on CPU
-    without a mask or bias, two batched GEMMs and a softmax: ``_use_matmul_softmax``)."""
+    """Attention through ``F.scaled_dot_product_attention`` (or, for short sequences on CPU without
+    a mask or bias, batched GEMMs and one softmax: ``_use_matmul_softmax``)."""
     if rel_bias is None and key_padding_mask is None:
-        if _use_matmul_softmax(q, k, dropout_p):
+        if _use_matmul_softmax(q, k, dropout_p, causal):
             return _matmul_softmax(q, k, v, causal)
         # Mask-free call: is_causal selects the fused flash / efficient kernels.
         k, v, extra = _sdpa_kv(q, k, v, masked=False)

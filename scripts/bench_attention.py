@@ -2,9 +2,12 @@
 
 Usage:
     python scripts/bench_attention.py [--device cpu|cuda] [--lengths 256 1024 4096 8192]
-        [--dtypes fp32 bf16] [--out-dir docs/] [--tiled-blocks 64 128 256]
+        [--dtypes fp32 bf16] [--out-dir docs/] [--tiled-blocks 64 128 256] [--no-causal]
+    python scripts/bench_attention.py --lengths 256 512 1024 --batch 8 --heads 6 --threads 2 \
+        --kernels flash flash-sdpa   # where flash's CPU matmul-softmax path beats SDPA's kernel
 
-Every configuration is causal self-attention with B=1, H=8, Dh=64 (overridable)
+Every configuration is causal (or with --no-causal, unmasked) self-attention with B=1, H=8,
+Dh=64 (overridable)
 and runs ``attention(q, k, v, kernel=...)`` followed by ``out.backward(grad)``
 with all inputs allocated beforehand, so only the attention op is measured.
 
@@ -43,10 +46,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 
+import models.attention as attention_mod  # noqa: E402
 from models.attention import KERNELS, attention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 2 ** 20
+# flash-sdpa: attention=flash with its CPU matmul-softmax path for short sequences switched off,
+# so SDPA's fused kernel runs at every length (the comparison behind MATMUL_SOFTMAX_MAX_SCORES).
+BENCH_KERNELS = list(KERNELS) + ["flash-sdpa"]
 
 
 @dataclass
@@ -66,9 +73,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
-    p.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    p.add_argument("--kernels", nargs="+", choices=BENCH_KERNELS, default=list(KERNELS))
     p.add_argument("--tiled-blocks", type=int, nargs="+", default=[128],
                    help="block sizes for the tiled kernel; each becomes its own row")
+    p.add_argument("--no-causal", dest="causal", action="store_false",
+                   help="unmasked (encoder) attention instead of causal")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -92,14 +101,21 @@ def estimate_mib(kernel: str, b: int, h: int, t: int, dh: int) -> float:
 
 
 def make_step(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              grad: torch.Tensor) -> Callable[[], None]:
+              grad: torch.Tensor, causal: bool = True) -> Callable[[], None]:
     """A closure running one forward+backward of kernel ``name`` ("tiled@128" style)."""
     kernel, _, block = name.partition("@")
     block_size = int(block) if block else 128
+    sdpa_only = kernel == "flash-sdpa"
+    kernel = "flash" if sdpa_only else kernel
 
     def step() -> None:
-        out = attention(q, k, v, kernel=kernel, causal=True, block_size=block_size)
-        out.backward(grad)
+        limits = attention_mod.MATMUL_SOFTMAX_MAX_SCORES
+        attention_mod.MATMUL_SOFTMAX_MAX_SCORES = {} if sdpa_only else limits
+        try:
+            out = attention(q, k, v, kernel=kernel, causal=causal, block_size=block_size)
+            out.backward(grad)
+        finally:
+            attention_mod.MATMUL_SOFTMAX_MAX_SCORES = limits
         del out
         for x in (q, k, v):  # free inside the step so every call starts from the same state
             x.grad = None
@@ -155,7 +171,7 @@ def bench_config(args: argparse.Namespace, t: int, dtype_name: str,
     for x in (q, k, v):
         x.requires_grad_()
     run = [n for n in names if estimate_mib(n.split("@")[0], b, h, t, dh) <= args.max_mem_mib]
-    steps = {n: make_step(n, q, k, v, grad) for n in run}
+    steps = {n: make_step(n, q, k, v, grad, args.causal) for n in run}
     for n in run:
         for _ in range(args.warmup):
             steps[n]()
@@ -243,7 +259,7 @@ def main() -> None:
         names += [f"tiled@{bs}" for bs in args.tiled_blocks]
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"cpu, {torch.get_num_threads()} threads")
-    header = (f"Causal attention fwd+bwd, B={args.batch}, H={args.heads}, Dh={args.head_dim}, "
+    header = (f"{'Causal' if args.causal else 'Unmasked'} attention fwd+bwd, B={args.batch}, H={args.heads}, Dh={args.head_dim}, "
               f"torch {torch.__version__}, {where}; median of {args.repeats} after "
               f"{args.warmup} warm-up; tiled@N = tiled kernel with block_size N.")
     results: list[Result] = []

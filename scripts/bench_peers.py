@@ -123,7 +123,7 @@ def make_generic_case(name: str, cfg, precision: str, device: torch.device, bloc
 
     import models.attention as attention_mod
 
-    max_scores = 0 if name == "ours-sdpa" else attention_mod.MATMUL_SOFTMAX_MAX_SCORES
+    max_scores = {} if name == "ours-sdpa" else attention_mod.MATMUL_SOFTMAX_MAX_SCORES
 
     def step():
         attention_mod.MATMUL_SOFTMAX_MAX_SCORES = max_scores  # cases interleave: set for this one

@@ -312,21 +312,28 @@ MASK_FREE_BF16 = {"plain": {}, "causal": {"causal": True}, "gqa_causal": {"hkv":
                   "cross_causal": {"tq": 19, "tk": 45, "causal": True}}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block", [8, 128])
 @pytest.mark.parametrize("case", list(MASK_FREE_BF16))
-def test_bf16_flash_short_sequences_take_the_matmul_softmax_path(case: str, monkeypatch) -> None:
-    """Mask-free bf16 on CPU below MATMUL_SOFTMAX_MAX_SCORES runs two bf16 GEMMs + softmax (faster
-    than SDPA's CPU kernel there); it matches fp32 attention (outputs and grads, top-left causal
-    alignment as SDPA's is_causal) to bf16 precision, and future keys never reach a causal row."""
+def test_short_flash_takes_the_matmul_softmax_path(case: str, block: int, dtype: torch.dtype,
+                                                   monkeypatch) -> None:
+    """Mask-free short attention on CPU runs as batched GEMMs + softmax (faster than SDPA's CPU
+    kernel there), causal rows in query blocks that skip the keys they cannot see (block 8 splits
+    T=37 into 5 blocks, the last one ragged; 128 is one block); it matches fp32 standard attention
+    (outputs and the q/k/v grads; top-left causal alignment as SDPA's is_causal) to bf16 precision
+    in bf16 and to 1e-5 in fp32, and future keys never reach a causal row."""
     import models.attention as attn_mod
 
     calls = []
-    real = attn_mod._matmul_softmax
-    monkeypatch.setattr(attn_mod, "_matmul_softmax", lambda *a: calls.append(1) or real(*a))
-    inputs = make_inputs(dtype=torch.bfloat16, **MASK_FREE_BF16[case])
+    real = attn_mod._MatmulSoftmax.apply
+    monkeypatch.setattr(attn_mod._MatmulSoftmax, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(attn_mod, "CAUSAL_QUERY_BLOCK", block)
+    monkeypatch.setattr(attn_mod, "MATMUL_SOFTMAX_MAX_SCORES", {(dtype, c): 64 * 64 for c in (True, False)})
+    inputs = make_inputs(dtype=dtype, **MASK_FREE_BF16[case])
     expected = run(detached_copy(inputs, torch.float32), "standard")
     got = run(inputs, "flash")
-    assert calls and got[0].dtype == torch.bfloat16
-    assert_all_close([t.float() for t in got], expected, tol=BF16_TOL)
+    assert calls == [block] and got[0].dtype == dtype
+    assert_all_close([t.float() for t in got], expected, tol=BF16_TOL if dtype == torch.bfloat16 else 1e-5)
     if inputs["causal"]:
         t = 10
         with torch.no_grad():
@@ -336,14 +343,31 @@ def test_bf16_flash_short_sequences_take_the_matmul_softmax_path(case: str, monk
         torch.testing.assert_close(moved[:, :, : t + 1], got[0][:, :, : t + 1], atol=0, rtol=0)
 
 
-def test_matmul_softmax_only_for_short_bf16_cpu_without_dropout() -> None:
+def test_causal_query_blocks_cover_exactly_the_visible_keys() -> None:
+    """Block i of a causal product multiplies queries [s, e) by keys [0, min(e, Tk)) only: every
+    query appears once, and no block drops a key its last query can see."""
+    from models.attention import _query_blocks
+
+    for tq, tk, block in [(256, 256, 128), (37, 37, 8), (19, 45, 8), (45, 19, 8), (5, 5, 128)]:
+        blocks = _query_blocks(tq, tk, True, block)
+        assert [s for s, _, _ in blocks] == list(range(0, tq, block))
+        assert blocks[-1][1] == tq and all(e - s <= block for s, e, _ in blocks)
+        assert all(seen == min(e, tk) for s, e, seen in blocks)  # the last row, e - 1, sees keys <= e - 1
+    assert _query_blocks(37, 45, False, 8) == [(0, 37, 45)]
+    # Work skipped: at T=256 in blocks of 128 the scores hold 3/4 of the full T x T product.
+    assert sum((e - s) * seen for s, e, seen in _query_blocks(256, 256, True, 128)) == 256 * 256 * 3 // 4
+
+
+def test_matmul_softmax_only_where_it_beats_sdpa() -> None:
     from models.attention import MATMUL_SOFTMAX_MAX_SCORES, _use_matmul_softmax
 
     def qk(t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return torch.zeros(1, 1, t, 8, dtype=dtype), torch.zeros(1, 1, t, 8, dtype=dtype)
 
-    side = int(MATMUL_SOFTMAX_MAX_SCORES ** 0.5)
-    assert _use_matmul_softmax(*qk(side, torch.bfloat16), 0.0)
-    assert not _use_matmul_softmax(*qk(side + 1, torch.bfloat16), 0.0)  # long: SDPA (O(T) memory)
-    assert not _use_matmul_softmax(*qk(64, torch.float32), 0.0)  # fp32: SDPA is faster
-    assert not _use_matmul_softmax(*qk(64, torch.bfloat16), 0.1)  # dropout: SDPA's
+    for (dtype, causal), limit in MATMUL_SOFTMAX_MAX_SCORES.items():
+        side = int(limit ** 0.5)
+        assert _use_matmul_softmax(*qk(side, dtype), 0.0, causal)
+        assert not _use_matmul_softmax(*qk(side + 1, dtype), 0.0, causal)  # long: SDPA (O(T) memory)
+        assert not _use_matmul_softmax(*qk(64, dtype), 0.1, causal)  # dropout: SDPA's
+    assert MATMUL_SOFTMAX_MAX_SCORES[(torch.float32, False)] < MATMUL_SOFTMAX_MAX_SCORES[(torch.float32, True)]
+    assert not _use_matmul_softmax(*qk(64, torch.float16), 0.0, True)  # no native fp16 GEMM measured

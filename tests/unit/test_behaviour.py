@@ -44,7 +44,11 @@ def _tokens(b: int, t: int, seed: int = 1) -> torch.Tensor:
 
 @pytest.fixture
 def sdpa_calls(monkeypatch) -> list[dict[str, Any]]:
-    """Every call to F.scaled_dot_product_attention (its kwargs), still calling through."""
+    """Every call to F.scaled_dot_product_attention (its kwargs), still calling through; the CPU
+    matmul-softmax path for short mask-free sequences is off, so every such call reaches SDPA."""
+    import models.attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "MATMUL_SOFTMAX_MAX_SCORES", {})
     calls: list[dict[str, Any]] = []
     real = F.scaled_dot_product_attention
 
