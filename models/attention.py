@@ -203,15 +203,22 @@ class _MatmulSoftmax(torch.autograd.Function):
         b, h, tq, tk, dh = ctx.shape
         scale = dh ** -0.5
         do3 = grad_out.reshape(b * h, tq, dh)
-        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
+        dk = dv = None
         dqs = []
-        for (s, e, seen), p in zip(ctx.blocks, probs):
+        # Last block first: it sees the most keys, so its products start dk and dv (no zero fill)
+        # when it sees them all; the earlier blocks add into the leading rows.
+        for (s, e, seen), p in reversed(list(zip(ctx.blocks, probs))):
             do = do3[:, s:e]
-            dv[:, :seen].baddbmm_(p.transpose(1, 2), do)
             ds = torch._softmax_backward_data(torch.bmm(do, v3[:, :seen].transpose(1, 2)), p, -1, p.dtype)
             dqs.append(torch.bmm(ds, k3[:, :seen]))
+            if dv is None and seen == tk:
+                dv, dk = torch.bmm(p.transpose(1, 2), do), torch.bmm(ds.transpose(1, 2), q3[:, s:e])
+                continue
+            if dv is None:
+                dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
+            dv[:, :seen].baddbmm_(p.transpose(1, 2), do)
             dk[:, :seen].baddbmm_(ds.transpose(1, 2), q3[:, s:e])
-        dq = (dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=1)).mul_(scale)
+        dq = (dqs[0] if len(dqs) == 1 else torch.cat(dqs[::-1], dim=1)).mul_(scale)
         dk.mul_(scale)
         return dq.view(b, h, tq, dh), dk.view(b, h, tk, dh), dv.view(b, h, tk, dh), None, None
 

@@ -161,6 +161,17 @@ def make_loop_case(cfg, precision: str, device: torch.device, blocks: torch.Tens
     return step, n_params, bc.optimizer_kind(lp.optimizer)
 
 
+def paired_ratios(ours: list[float], peer: list[float]) -> dict[str, float]:
+    """Per-round speed-up of ours over a peer, peer_s / ours_s for each interleaved round (both ran
+    back to back in it), summarised as median and quartiles: a load change between rounds hits
+    both sides of a pair, so the paired ratio is steadier than a ratio of the two medians."""
+    import statistics
+
+    r = sorted(p / o for o, p in zip(ours, peer))
+    q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0]] * 3
+    return {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
+
+
 def print_breakdown(cases: dict, device: torch.device) -> None:
     """One profiled step per case: milliseconds (and share) per `_bench_common.TIME_CATEGORIES`."""
     cols = {}
@@ -256,11 +267,11 @@ def main(argv=None) -> None:
         info, s = meta[label], stats[label]
         tps = tokens / s["median"]
         ours = f"ours {info['precision']}"
-        ratio = (tokens / stats[ours]["median"]) / tps if ours in stats else None
+        paired = paired_ratios(times[ours], times[label]) if ours in times else None
         rows.append([info["name"], info["precision"], f"{info['params'] / 1e6:.2f}M", info["opt"],
                      f"{s['median']:.3f}", f"{s['iqr']:.3f}", f"{bc.summarize(cpu_times[label])['median']:.3f}",
                      f"{tps:,.0f}",
-                     f"{ratio:.2f}" if ratio is not None else "-",
+                     "-" if paired is None else f"{paired['median']:.2f} ({paired['q1']:.2f}-{paired['q3']:.2f})",
                      f"{100 * tps * fpt / peaks[info['precision']]:.1f}%" if peaks else "-"]
                     + ([f"{100 * tps * fpt / peaks['fp32']:.1f}%" if peaks else "-"] if lowp_cols else []))
     print(f"\n### One training step, ours vs peers: {PRESET} {' '.join(args.overrides)}".rstrip())
@@ -273,8 +284,10 @@ def main(argv=None) -> None:
           f"betas {list(cfg.optim.betas)}, clip {cfg.trainer.grad_clip}\n")
     print(bc.markdown_table(["model", "precision", "params", "AdamW", "s/step (median)", "IQR s", "CPU s/step",
                              "tokens/s",
-                             "ours/peer (tokens/s)", "MFU"] + (["MFU vs fp32 peak"] if lowp_cols else []), rows))
-    print(f"\nours/peer: our tokens/s divided by this row's at the same precision (>1: ours is faster). "
+                             "ours/peer (q1-q3)", "MFU"] + (["MFU vs fp32 peak"] if lowp_cols else []), rows))
+    print(f"\nours/peer: this row's s/step divided by ours at the same precision in the same round (= our "
+          f"tokens/s over its; >1: ours is faster), median and quartiles over the {args.steps} rounds (pairing "
+          f"by round cancels load that changes between rounds). "
           f"MFU: tokens/s x {fpt / 1e6:.1f} MFLOP/token (trainer.flops, same formula for every model) / peak"
           + ("; peaks: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items())
              + (" (best of 3 fresh probes)" if args.fresh_peak else " (cached probe; --fresh-peak re-probes)")

@@ -75,11 +75,13 @@ _PROBED: dict[str, float] = {}  # keys probed in this process
 def peak_flops(device: torch.device, precision: str) -> float:
     """Peak matmul FLOP/s of this device at `precision`, measured by a GEMM probe.
 
-    The best figure ever measured per machine, device, thread count and torch version is kept
+    The best figure ever measured per machine, device, instruction set (ATen's CPU capability,
+    which ATEN_CPU_CAPABILITY can lower), thread count and torch version is kept
     in `$TRAINER_CACHE/peak_flops.json`; each process probes once more (about a second) and
     keeps the max, so one probe taken while the machine was busy does not stick.
     """
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}t"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"cpu{torch.get_num_threads()}t-{torch.backends.cpu.get_cpu_capability()}")
     key = f"{os.uname().nodename}|{name}|{precision}|torch{torch.__version__}"
     if key in _PROBED:
         return _PROBED[key]
