@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import attention
+from models.linear import Linear
 from models.position import Position
 
 
@@ -59,11 +60,11 @@ class MultiHeadAttention(nn.Module):
         self.h, self.hkv, self.dh = num_heads, num_kv_heads, d_model // num_heads
         self.kernel, self.block_size, self.attn_dropout, self.cross = kernel, block_size, attn_dropout, cross
         if cross:
-            self.q = nn.Linear(d_model, self.h * self.dh, bias=False)
-            self.kv = nn.Linear(d_model, 2 * self.hkv * self.dh, bias=False)
+            self.q = Linear(d_model, self.h * self.dh, bias=False)
+            self.kv = Linear(d_model, 2 * self.hkv * self.dh, bias=False)
         else:
-            self.qkv = nn.Linear(d_model, (self.h + 2 * self.hkv) * self.dh, bias=False)
-        self.out = nn.Linear(self.h * self.dh, d_model, bias=False)
+            self.qkv = Linear(d_model, (self.h + 2 * self.hkv) * self.dh, bias=False)
+        self.out = Linear(self.h * self.dh, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, position: Position, *, causal: bool,
                 key_padding_mask: torch.Tensor | None = None, rel_bias: torch.Tensor | None = None,
@@ -106,8 +107,8 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str):
         super().__init__()
         self.activation = activation
-        self.up = nn.Linear(d_model, (2 if activation == "swiglu" else 1) * d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.up = Linear(d_model, (2 if activation == "swiglu" else 1) * d_ff, bias=False)
+        self.down = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)

@@ -5,9 +5,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models.blocks import AttnCache, Block
+from models.linear import Linear, linear
 from models.position import Position
 
 
@@ -69,7 +69,7 @@ class Transformer(nn.Module):
         self.arch, self.vocab_size, self.d_model = arch, vocab_size, d_model
         self.embed = nn.Embedding(vocab_size, d_model)
         self.encoder, self.decoder = encoder, decoder
-        self.head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+        self.head = None if tie_embeddings else Linear(d_model, vocab_size, bias=False)
         # Multiplies the hidden states entering the head (`post_norm_head_scale`); 1.0 = none.
         self.head_scale = head_scale
 
@@ -84,7 +84,7 @@ class Transformer(nn.Module):
         weight = self.embed.weight if self.head is None else self.head.weight
         if self.head_scale != 1.0:
             hidden = hidden * self.head_scale  # (..., D): cheaper than scaling (..., V) logits
-        return F.linear(hidden, weight)
+        return linear(hidden, weight)
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for `decode` (decoder and encoder_decoder)."""

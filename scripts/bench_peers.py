@@ -11,6 +11,8 @@ d_model 384, 6 heads, d_ff 1536, seq_len 256, batch 8), all with a 256-token byt
     ours-loop     ours again, but stepped by trainer.loop.train_step (the CLI path: adds the accuracy
                   argmax, the finite-loss check and the schedule) to show the loop's own overhead
     ours-sdpa     (ablation, only with --models) ours with SDPA's kernel at every dtype and length
+    ours-blas     (ablation, only with --models) ours with fp32 linears on PyTorch's default BLAS (MKL)
+                  instead of oneDNN (models.linear; oneDNN is the default on AMD CPUs only)
     ours-compile  (ablation, only with --models) ours with trainer.compile=true's regional compile
 
 Every model gets the identical step: forward under the project's autocast (trainer.precision),
@@ -52,9 +54,10 @@ PRESET = "experiment=bench_ref"
 VOCAB = 256
 MODELS = ("ours", "x-transformers", "hf-gpt2", "ours-loop")
 # Ablations of ours, interleaved with the rest when asked for with --models: `ours-sdpa` forces
-# SDPA's flash kernel at every dtype and length (no bf16 matmul-softmax path), `ours-compile` is
+# SDPA's flash kernel at every dtype and length (no matmul-softmax path), `ours-blas` runs fp32
+# linears on PyTorch's default BLAS instead of oneDNN (models.linear), `ours-compile` is
 # ours with trainer.compile=true's regional compile (each block).
-ABLATIONS = ("ours-sdpa", "ours-compile")
+ABLATIONS = ("ours-sdpa", "ours-blas", "ours-compile")
 
 
 def build_ours(cfg) -> tuple[nn.Module, callable]:
@@ -123,10 +126,14 @@ def make_generic_case(name: str, cfg, precision: str, device: torch.device, bloc
 
     import models.attention as attention_mod
 
+    import models.linear as linear_mod
+
     max_scores = {} if name == "ours-sdpa" else attention_mod.MATMUL_SOFTMAX_MAX_SCORES
+    gemm = "blas" if name == "ours-blas" else None
 
     def step():
         attention_mod.MATMUL_SOFTMAX_MAX_SCORES = max_scores  # cases interleave: set for this one
+        linear_mod.FP32_GEMM_OVERRIDE = gemm
         batch = stream.batch(counter["step"]).to(device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
         with autocast(precision, device):
@@ -148,12 +155,15 @@ def make_loop_case(cfg, precision: str, device: torch.device, blocks: torch.Tens
 
     import models.attention as attention_mod
 
+    import models.linear as linear_mod
+
     lp, n_params = bc.build_loop(cfg, device, blocks, vocab_size=VOCAB)
     counter = {"step": 0}
     max_scores = attention_mod.MATMUL_SOFTMAX_MAX_SCORES  # the default: an ours-sdpa case may run between
 
     def step():
         attention_mod.MATMUL_SOFTMAX_MAX_SCORES = max_scores
+        linear_mod.FP32_GEMM_OVERRIDE = None
         out = train_step(lp, counter["step"])
         counter["step"] += 1
         return out

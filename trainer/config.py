@@ -277,8 +277,6 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
     if cfg.data.source == "text" and not cfg.data.files:
         raise ConfigError("data=text needs data.files=[path, ...] (.txt, .jsonl with a text field, or .parquet).")
     if cfg.data.source == "text":
-        import os
-
         for f in cfg.data.files:
             if not os.path.isfile(os.path.expanduser(f)):
                 raise ConfigError(f"data.files: no such file {f!r}.")
@@ -286,6 +284,10 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
         raise ConfigError("data=hub needs data.name=<a Hugging Face dataset name>.")
     _validate_tokens(cfg)
     _validate_trainer(cfg, world_size, launched)
+    gemm = os.environ.get("TRAINER_CPU_FP32_GEMM", "").strip().lower()
+    if gemm and gemm not in ("onednn", "blas"):  # models.linear.GEMM_BACKENDS
+        raise ConfigError(f"TRAINER_CPU_FP32_GEMM={gemm!r}: valid values are onednn, blas (unset: oneDNN "
+                          f"for fp32 CPU linears on AMD CPUs, BLAS elsewhere).")
 
 
 def _validate_tokens(cfg: DictConfig | Config) -> None:

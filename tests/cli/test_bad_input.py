@@ -63,3 +63,12 @@ def test_bad_input_leaves_an_existing_run_untouched(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
     for path, data in files.items():
         assert path.read_bytes() == data
+
+
+def test_bad_fp32_gemm_environment_variable_is_bad_input(tmp_path):
+    """TRAINER_CPU_FP32_GEMM (models.linear) is input too: a value other than onednn/blas is one
+    sentence naming the variable and the valid values, exit 2, nothing written."""
+    run_dir = tmp_path / "run"
+    proc = run_cli(*tiny_cli_args(run_dir), env={"TRAINER_CPU_FP32_GEMM": "mkl"}, timeout=120)
+    _assert_one_error_line(proc, ["TRAINER_CPU_FP32_GEMM='mkl'", "onednn, blas"])
+    assert _written(tmp_path) == []
