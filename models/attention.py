@@ -216,8 +216,10 @@ class _MatmulSoftmax(torch.autograd.Function):
                 continue
             if dv is None:
                 dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
-            dv[:, :seen].baddbmm_(p.transpose(1, 2), do)
-            dk[:, :seen].baddbmm_(ds.transpose(1, 2), q3[:, s:e])
+            # A product into a temporary, then one add: an in-place baddbmm_ on these row slices
+            # (batch stride != rows x cols) falls back to one addmm per batch matrix in fp32.
+            dv[:, :seen] += torch.bmm(p.transpose(1, 2), do)
+            dk[:, :seen] += torch.bmm(ds.transpose(1, 2), q3[:, s:e])
         dq = (dqs[0] if len(dqs) == 1 else torch.cat(dqs[::-1], dim=1)).mul_(scale)
         dk.mul_(scale)
         return dq.view(b, h, tq, dh), dk.view(b, h, tk, dh), dv.view(b, h, tk, dh), None, None

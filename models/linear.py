@@ -9,7 +9,7 @@ scripts/bench_peers.py). So
 `linear` computes, for fp32 CPU tensors with autocast off and eager autograd:
 
     forward   y  = x W^T (+ b)          oneDNN (`torch.ops.mkldnn._linear_pointwise`)
-    backward  dx = dy W                  oneDNN (same op, weight W^T made contiguous: d_in x d_out)
+    backward  dx = dy W                  oneDNN (same op, with W^T, d_in x d_out, as the weight)
               dW = dy^T x, db = sum dy   BLAS (as F.linear's backward; oneDNN needs two transposed
                                          copies of the activations here and lost)
 
@@ -89,7 +89,9 @@ class _OneDNNLinear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = torch.ops.mkldnn._linear_pointwise(g2, weight.t().contiguous(), None, "none", [None], "")
+            # W^T as a transposed view: oneDNN reads it in place (an explicit .contiguous() copy
+            # per call, or MKL's mm here, measured 1-2% slower for the whole step).
+            dx = torch.ops.mkldnn._linear_pointwise(g2, weight.t(), None, "none", [None], "")
             dx = dx.view(*ctx.lead, weight.shape[1])
         if ctx.needs_input_grad[1]:
             dw = g2.t().mm(x2)  # (d_out, d_in)
