@@ -123,11 +123,12 @@ def _sdpa_kv(q: Tensor, k: Tensor, v: Tensor, masked: bool) -> tuple[Tensor, Ten
 
 
 # Where the matmul-softmax path (`_matmul_softmax`) beats SDPA's fused CPU kernel, as the longest
-# query x key product per dtype and masking, measured fwd+bwd with 2 threads on B=8 H=6 Dh=64
-# (AMD EPYC, AVX512-BF16/VNNI; scripts/bench_attention.py --kernels flash sdpa): causal bf16
-# T=256 9.7 vs 24.2 ms, T=512 32 vs 78, T=1024 128 vs 202; causal fp32 T=256 20 vs 22, T=512 68
-# vs 100, T=1024 253 vs 245 (a tie: SDPA, which also saves O(T) instead of O(T^2) memory);
-# non-causal bf16 T=512 59 vs 83; non-causal fp32 T=128 7.0 vs 9.1, T=256 27 vs 23.
+# query x key product per dtype and masking. Measured fwd+bwd, 2 threads, B=8 H=6 Dh=64, AMD EPYC
+# with AVX512-BF16 (scripts/bench_attention.py --kernels flash flash-sdpa [--no-causal]), ms:
+# causal bf16 T=256 15.5 vs 26.7, T=512 40 vs 84, T=1024 124 vs 182; causal fp32 T=256 27.6 vs
+# 31.7, T=512 68 vs 85, T=1024 a tie (229 vs 234: SDPA, which also keeps O(T) instead of O(T^2)
+# memory); unmasked bf16 T=128 4.4 vs 11.1, T=512 64 vs 75; unmasked fp32 T=128 a tie, T=256
+# 27 vs 23 in an earlier run (SDPA).
 MATMUL_SOFTMAX_MAX_SCORES = {(torch.bfloat16, True): 1024 * 1024, (torch.bfloat16, False): 512 * 512,
                              (torch.float32, True): 512 * 512, (torch.float32, False): 128 * 128}
 # Query block of the causal matmul-softmax path: block i (queries [i c, (i+1) c)) only multiplies
