@@ -1,12 +1,12 @@
 """Linear layers whose fp32 CPU GEMMs may run on oneDNN instead of PyTorch's default BLAS.
 
 PyTorch sends an fp32 `F.linear` on x86 CPUs to MKL's sgemm; bf16 (autocast) already goes to
-oneDNN. On AMD CPUs MKL's sgemm runs well below oneDNN's at this project's shapes (AMD EPYC,
-AVX512, 2 threads, a (2048 x 384) by (384 x 1536) GEMM and the other block GEMMs of
-experiment=bench_ref: forward and input-gradient GEMMs ~130-190 GFLOP/s with MKL, ~190-210 with
-oneDNN; the whole fp32 training step 1.12-1.14x faster, the `ours-blas` row of
-scripts/bench_peers.py). So
-`linear` computes, for fp32 CPU tensors with autocast off and eager autograd:
+oneDNN. On AMD CPUs MKL's sgemm runs below oneDNN's at this project's shapes (AMD EPYC, AVX512,
+2 threads, a (2048 x 384) by (384 x 1536) GEMM and the other block GEMMs of experiment=bench_ref:
+forward and input-gradient GEMMs 185-195 GFLOP/s with MKL, 210-215 with oneDNN on an idle
+machine; the whole fp32 training step 1.01-1.03x faster idle and 1.12-1.14x with another job on
+the cores, the `ours-blas` row of scripts/bench_peers.py). So `linear` computes, for fp32 CPU
+tensors with autocast off and eager autograd:
 
     forward   y  = x W^T (+ b)          oneDNN (`torch.ops.mkldnn._linear_pointwise`)
     backward  dx = dy W                  oneDNN (same op, with W^T, d_in x d_out, as the weight)
@@ -57,18 +57,27 @@ def _onednn_linear_works() -> bool:
         return False
 
 
+def requested_backend() -> str | None:
+    """TRAINER_CPU_FP32_GEMM as "onednn" or "blas", or None when unset.
+
+    Raises:
+        ValueError: it is set to something else (one sentence naming the variable and the values).
+    """
+    choice = os.environ.get("TRAINER_CPU_FP32_GEMM", "").strip().lower()
+    if choice and choice not in GEMM_BACKENDS:
+        raise ValueError(f"TRAINER_CPU_FP32_GEMM={choice!r}: valid values are {', '.join(GEMM_BACKENDS)} "
+                         f"(unset: oneDNN for fp32 CPU linears on AMD CPUs, BLAS elsewhere).")
+    return choice or None
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_fp32_gemm_backend() -> str:
     """"onednn" or "blas": who runs fp32 CPU linears in this process (see the module docstring).
 
     Raises:
-        ValueError: TRAINER_CPU_FP32_GEMM is set to something other than onednn or blas.
+        ValueError: from `requested_backend`.
     """
-    choice = os.environ.get("TRAINER_CPU_FP32_GEMM", "").strip().lower()
-    if choice and choice not in GEMM_BACKENDS:
-        raise ValueError(f"TRAINER_CPU_FP32_GEMM={choice!r}: valid values are {', '.join(GEMM_BACKENDS)}")
-    if not choice:
-        choice = "onednn" if _cpu_vendor() == "AuthenticAMD" else "blas"
+    choice = requested_backend() or ("onednn" if _cpu_vendor() == "AuthenticAMD" else "blas")
     return "onednn" if choice == "onednn" and _onednn_linear_works() else "blas"
 
 

@@ -284,10 +284,12 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
         raise ConfigError("data=hub needs data.name=<a Hugging Face dataset name>.")
     _validate_tokens(cfg)
     _validate_trainer(cfg, world_size, launched)
-    gemm = os.environ.get("TRAINER_CPU_FP32_GEMM", "").strip().lower()
-    if gemm and gemm not in ("onednn", "blas"):  # models.linear.GEMM_BACKENDS
-        raise ConfigError(f"TRAINER_CPU_FP32_GEMM={gemm!r}: valid values are onednn, blas (unset: oneDNN "
-                          f"for fp32 CPU linears on AMD CPUs, BLAS elsewhere).")
+    from models.linear import requested_backend
+
+    try:
+        requested_backend()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_tokens(cfg: DictConfig | Config) -> None:
