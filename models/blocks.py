@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import attention
-from models.linear import Linear
+from models.ops.attention import attention
+from models.ops.linear import Linear
 from models.position import Position
 
 
@@ -99,6 +99,10 @@ class MultiHeadAttention(nn.Module):
                       key_padding_mask=key_padding_mask,
                       dropout_p=self.attn_dropout if self.training else 0.0, block_size=self.block_size)
         return self.out(y.transpose(1, 2).reshape(B, T, self.h * self.dh))  # (B, T, D)
+
+
+ACTIVATIONS = ("gelu", "relu", "swiglu")  # model.activation
+PLACEMENTS = ("pre", "post")  # norm.placement
 
 
 class FeedForward(nn.Module):

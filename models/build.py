@@ -8,6 +8,8 @@ from models.norm import build_norm
 from models.position import build_position
 from models.transformer import EMBED_STD, Stack, Transformer, init_weights, post_norm_head_scale
 
+ARCHS = ("encoder", "decoder", "encoder_decoder")  # model=<arch>
+
 
 def _stack(model_cfg, attention_cfg, position_cfg, norm_cfg, *, num_layers: int, causal: bool,
            cross: bool, max_len: int) -> Stack:

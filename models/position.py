@@ -30,7 +30,7 @@ def _offsets(tq: int, tk: int, device: torch.device) -> Tensor:
 
 def rel_bias_matrix(out: Tensor, tq: int, tk: int) -> Tensor:
     """Expand a ``rel_bias`` vector ``(H, tq + tk - 1)`` to the full ``(H, tq, tk)`` score bias."""
-    from models.attention import expand_rel_bias
+    from models.ops.attention import expand_rel_bias
 
     return expand_rel_bias(out, tq, tk)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from models.blocks import AttnCache, Block
-from models.linear import Linear, linear
+from models.ops.linear import Linear, linear
 from models.position import Position
 
 

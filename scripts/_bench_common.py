@@ -36,7 +36,8 @@ def compose_cfg(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from trainer.config import register_configs, validate
+    from trainer.config.schema import register_configs
+    from trainer.config.validate import validate
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -152,7 +153,7 @@ def build_loop(cfg: DictConfig, device: torch.device, blocks: torch.Tensor, *, v
     `optimizer_factory(model, cfg.optim, device)` replaces `build_optimizer` (experiments only).
     Returns (loop, n_params).
     """
-    from trainer.config import resolve_objective
+    from trainer.objectives import resolve_objective
     from trainer.data import VOCAB_SIZE, BatchStream
     from trainer.distributed import Dist
     from trainer.loop import Loop
@@ -169,9 +170,9 @@ def build_loop(cfg: DictConfig, device: torch.device, blocks: torch.Tensor, *, v
     objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective)
     model.train()
     lp = Loop(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, objective=objective,
-              stream=BatchStream(blocks, cfg.trainer.batch_size, cfg.seed), val_blocks=blocks[:1],
+              stream=BatchStream(blocks, cfg.trainer.batch_size, cfg.seed), evaluators=[],
               gen=torch.Generator().manual_seed(cfg.seed), device=device, precision=cfg.precision.dtype,
-              dist=Dist(), logger=None, cfg=cfg.trainer, flops_per_token=0.0, mfu=lambda tps: 0.0,
+              dist=Dist(), logger=None, cfg=cfg.trainer, mfu=lambda tps: 0.0,
               save=lambda step: None, stop_signal=lambda: 0)
     return lp, n_params
 

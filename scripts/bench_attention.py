@@ -46,8 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 
-import models.attention as attention_mod  # noqa: E402
-from models.attention import KERNELS, attention  # noqa: E402
+import models.ops.attention as attention_mod  # noqa: E402
+from models.ops.attention import KERNELS, attention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 2 ** 20

@@ -31,7 +31,7 @@ def build(run_dir: str | None, overrides: list[str]) -> tuple[torch.nn.Module, s
         from hydra import compose, initialize_config_dir
 
         from models.build import build_model
-        from trainer.config import register_configs
+        from trainer.config.schema import register_configs
         from trainer.data import VOCAB_SIZE
 
         register_configs()

@@ -114,7 +114,7 @@ def make_generic_case(name: str, cfg, precision: str, device: torch.device, bloc
     counted = {id(p): p for p in model.parameters() if p.requires_grad}
     n_params = sum(p.numel() for p in counted.values())
     if name.startswith("ours") and (compile_ or name == "ours-compile"):  # trainer.compile=true: each block
-        from trainer.compile import apply_compile
+        from trainer.transforms.compile import apply_compile
 
         run_model = apply_compile(model, True)
     else:
@@ -124,9 +124,9 @@ def make_generic_case(name: str, cfg, precision: str, device: torch.device, bloc
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
     counter = {"step": 0}
 
-    import models.attention as attention_mod
+    import models.ops.attention as attention_mod
 
-    import models.linear as linear_mod
+    import models.ops.linear as linear_mod
 
     max_scores = {} if name == "ours-sdpa" else attention_mod.MATMUL_SOFTMAX_MAX_SCORES
     gemm = "blas" if name == "ours-blas" else None
@@ -153,9 +153,9 @@ def make_loop_case(cfg, precision: str, device: torch.device, blocks: torch.Tens
     """Ours through trainer.loop.train_step (the config's precision and compile settings)."""
     from trainer.loop import train_step
 
-    import models.attention as attention_mod
+    import models.ops.attention as attention_mod
 
-    import models.linear as linear_mod
+    import models.ops.linear as linear_mod
 
     lp, n_params = bc.build_loop(cfg, device, blocks, vocab_size=VOCAB)
     counter = {"step": 0}

@@ -173,7 +173,7 @@ class Case:
 
 def train(args, cfg) -> dict:
     from trainer.data import BatchStream, load_corpus
-    from trainer.heldout import eval_sample
+    from trainer.data.heldout import eval_sample
 
     corpus = load_corpus(cfg.data, cfg.seed)
     stream = BatchStream(corpus.train, cfg.trainer.batch_size, args.data_seed)

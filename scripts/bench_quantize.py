@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from trainer.config import register_configs  # noqa: E402
+from trainer.config.schema import register_configs  # noqa: E402
 from trainer.data import load_corpus  # noqa: E402
 from trainer.objectives import CausalLM  # noqa: E402
 from trainer.quantize import (METHODS, apply_ptq, apply_qat, build_float_model, build_init_model,  # noqa: E402

@@ -46,13 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from trainer.contrastive import Contrastive
-    from trainer.load import read_run
-    from trainer.pair_data import load_pair_corpus
+    from trainer.objectives.contrastive import Contrastive
+    from trainer.runs.artifacts import read_run
+    from trainer.data.pairs import load_pair_corpus
     from trainer.quantize import apply_ptq, build_float_model, plan
     from trainer.quantize.long_context import format_long_context, longest_documents
     from trainer.quantize.retrieval_report import compare_retrieval, format_retrieval_table
-    from trainer.retrieval import bm25_baseline
+    from trainer.retrieval.bm25 import bm25_baseline
 
     threads = bc.setup_threads(args.threads)
     device = bc.get_device(args.device)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model.arch != "encoder" or cfg.data.source != "pairs":
         raise SystemExit(f"--run-dir {args.run_dir}: needs a model=encoder data=pairs run (this one is "
                          f"model={cfg.model.arch} data={cfg.data.source}).")
-    from trainer.load import load_tokenizer
+    from trainer.runs.artifacts import load_tokenizer
 
     tokenizer = load_tokenizer(os.path.abspath(args.run_dir), cfg)
     corpus = load_pair_corpus(cfg.data, cfg.seed, tokenizer)

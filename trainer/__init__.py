@@ -3,7 +3,7 @@
 
 def load_model(run_dir, device="cpu"):
     """`(model, tokenizer, config)` of a finished run; see `trainer.load.load_model`."""
-    from trainer.load import load_model as _load
+    from trainer.runs.artifacts import load_model as _load
 
     return _load(run_dir, device)
 

@@ -7,11 +7,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from trainer.config import ConfigError, register_configs
+from trainer.config.schema import CONF_DIR, register_configs
+from trainer.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, ConfigError, NonFiniteLoss, StopRequested
 
 register_configs()
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
 
 
 FAILED_JOBS: list[str] = []  # multirun jobs of this process that failed: "job N (overrides): reason"
@@ -56,7 +55,6 @@ def main(cfg: DictConfig) -> float:
     multirun a failing job is recorded (its sweep row says failed, with the reason) and the
     remaining jobs run; the sweep then exits 1. A stop signal ends the whole sweep.
     """
-    from trainer.loop import NonFiniteLoss, StopRequested
     from trainer.run import run
 
     try:
@@ -106,7 +104,7 @@ def _override_error(argv: list[str]) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from trainer.config import validate
+    from trainer.config.validate import validate
     from trainer.distributed import launched_by_torchrun
 
     try:
@@ -116,7 +114,7 @@ def _override_error(argv: list[str]) -> str | None:
         return _one_sentence(e)
     try:  # the cross-field checks too, before Hydra creates a run dir for a run that cannot start
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), launched_by_torchrun())
-        from trainer.init_from import check_init_from
+        from trainer.runs.init_from import check_init_from
 
         check_init_from(cfg)
     except ConfigError as e:

@@ -1,13 +1,19 @@
-"""Process-group setup/teardown, rank helpers, and the DDP / FSDP wrapping transforms."""
+"""Process-group setup/teardown, collectives, gradient-sync control, and the device rule."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
 
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from trainer.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")  # trainer.device and the tools' device=
 
 
 @dataclass
@@ -26,6 +32,7 @@ class Dist:
 
 
 def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting RANK/WORLD_SIZE) started this process."""
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
@@ -50,40 +57,62 @@ def teardown(d: Dist) -> None:
 
 
 def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Element-wise max of `t` over ranks, in place (a no-op in one process)."""
     if d.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Element-wise sum of `t` over ranks, in place (a no-op in one process)."""
     if d.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def apply_parallel(model: nn.Module, kind: str, device: torch.device, d: Dist) -> nn.Module:
-    """Wrap the model for data parallelism.
-
-    ddp: DistributedDataParallel (gradients all-reduced in buckets during backward).
-    fsdp: FSDP2 `fully_shard` per block, then the root: parameters, gradients and optimizer
-    state are sharded across ranks (ZeRO-3); each block's weights are gathered just in time.
-    """
-    if kind == "single" or d.world_size == 1 and kind == "ddp":
-        return model
-    if kind == "ddp":
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import fully_shard
-
-    for stack in (model.encoder, model.decoder):
-        if stack is not None:
-            for block in stack.blocks:
-                fully_shard(block)
-    fully_shard(model)
-    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model under a DDP / compile wrapper."""
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's rows of `t` (B_local, D), concatenated in rank order -> (B_global, D).
+
+    Not differentiable; every rank must pass the same B_local.
+    """
+    if world_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def grad_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the `last` micro-batch (DDP `no_sync`, FSDP2's
+    `set_requires_gradient_sync`); a no-op for an unwrapped model."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    if not last and hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
+    """The device for `trainer.device` / a tool's `device=`: auto (CUDA when present, else CPU),
+    cpu or cuda (this rank's GPU). Raises ConfigError for cuda without a GPU or another value."""
+    if kind not in DEVICES:
+        raise ConfigError(f"device={kind!r} is not valid; choose one of: {', '.join(DEVICES)}.")
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is available; use cpu or auto.")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

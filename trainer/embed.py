@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 SPEC = {"run_dir": (str, None), "input": (str, None), "output": (str, None), "field": (str, "text"),
         "precision": (str, "fp32"), "quantize": (str, "none"), "batch_size": (int, 64), "device": (str, "auto"),
@@ -67,7 +67,7 @@ def load_encoder(run_dir: str, device: torch.device, quantize: str = "none"):
     Raises:
         ConfigError: not a run, not an encoder, or a quantization that cannot be applied.
     """
-    from trainer.load import load_model
+    from trainer.runs.artifacts import load_model
 
     model, tokenizer, cfg = load_model(run_dir, device)
     if cfg.model.arch != "encoder":
@@ -75,7 +75,7 @@ def load_encoder(run_dir: str, device: torch.device, quantize: str = "none"):
                           f"model=encoder run (trained with objective=contrastive, or mlm).")
     if quantize == "none":
         return model, tokenizer, cfg
-    from trainer.config import QUANTIZE
+    from trainer.quantize import QUANTIZE
 
     if quantize not in QUANTIZE or quantize == "qat_int8":
         raise ConfigError(f"quantize={quantize} is not valid here; choose one of: none, dynamic_int8, weight_int8, "
@@ -106,8 +106,8 @@ def embed_texts(model: torch.nn.Module, tokenizer, texts: list[bytes], seq_len: 
     """
     from tqdm import tqdm
 
-    from trainer.contrastive import embed_rows
-    from trainer.pair_data import encode_rows
+    from trainer.retrieval.embedding import embed_rows
+    from trainer.data.pairs import encode_rows
 
     device = torch.device(device)
     rows = encode_rows(texts, tokenizer, seq_len)  # (N, L)
@@ -144,7 +144,7 @@ def write_vectors(path: str, vectors: np.ndarray, texts: list[bytes]) -> None:
 
 def run_embed(argv: list[str]) -> dict:
     """Parse, load, embed, write; returns {output, rows, dim, precision, quantize}."""
-    from trainer.cli_args import parse_args
+    from trainer.cli import parse_args
 
     a, _ = parse_args(argv, SPEC, "python -m trainer.embed")
     for key in ("run_dir", "input", "output"):
@@ -175,7 +175,7 @@ def run_embed(argv: list[str]) -> dict:
 
 def main(argv: list[str]) -> int:
     """The command line; returns the exit status (2 on bad input, with one `error:` sentence)."""
-    from trainer.cli_args import run_tool
+    from trainer.cli import run_tool
 
     return run_tool(run_embed, argv)
 

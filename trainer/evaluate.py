@@ -1,6 +1,6 @@
 """`python -m trainer.evaluate run_dir=... [data=... data.files=[...]]`: a run's model on any data.
 
-The numbers come from `trainer.loop.evaluate`, the loop's own evaluation (same held-out sample,
+The numbers come from `trainer.evaluation`, the loop's own evaluation (same held-out sample,
 same fixed-seed masks, same precision), so on the run's own data they equal its final
 `eval/loss`. Printed, and written to `<run_dir>/eval_<name>.json`.
 
@@ -18,9 +18,13 @@ import sys
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import ConfigError, DataConfig, resolve_objective
+from trainer.errors import ConfigError
+from trainer.config.schema import CONF_DIR, DataConfig
+from trainer.evaluation import EvalContext, evaluate_all
+from trainer.evaluation.heldout import HeldOutLoss
+from trainer.evaluation.retrieval import RetrievalSearch
+from trainer.objectives import build_objective, resolve_objective
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 SPEC = {"run_dir": (str, None), "name": (str, None), "split": (str, None), "batch_size": (int, None),
         "eval_batches": (int, None), "precision": (str, None), "device": (str, "auto"), "quantize": (str, "none")}
 
@@ -61,19 +65,14 @@ def apply_data_overrides(run_cfg: DictConfig, overrides: list[str]) -> DictConfi
 
 def evaluate_run(model: torch.nn.Module, cfg: DictConfig, blocks, device: torch.device,
                  precision: str, trainer_cfg, tokenizer=None, retrieval=None) -> dict[str, float]:
-    """`trainer.loop.evaluate` on `blocks` ((N, seq_len + 1) tensor or memory-mapped StoreBlocks)
-    with the run's objective and tokenizer: the loop's code path (eval/bits_per_byte included)."""
-    from trainer.distributed import Dist
-    from trainer.loop import Loop, evaluate
-    from trainer.objectives import build_objective
-
+    """The run's evaluators (`trainer.evaluation`) on `blocks` ((N, seq_len + 1) tensor or memory-mapped
+    StoreBlocks) with the run's objective and tokenizer: the loop's code path (eval/bits_per_byte
+    included), plus the retrieval search when `retrieval` is given."""
     objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective, tokenizer)
-    lp = Loop(model=model, optimizer=None, scheduler=None, scaler=None, objective=objective, stream=None,
-              val_blocks=blocks, gen=None, device=device, precision=precision, dist=Dist(), logger=None,
-              cfg=trainer_cfg, flops_per_token=0.0, mfu=None, save=None, stop_signal=lambda: 0,
-              retrieval=retrieval)
-    metrics = evaluate(lp)
-    model.eval()
+    evaluators: list = [HeldOutLoss(objective, blocks, trainer_cfg.eval_batches)]
+    if retrieval is not None:
+        evaluators.append(RetrievalSearch(retrieval, objective.pad_id, objective.pooling))
+    metrics = evaluate_all(evaluators, model, EvalContext(device, precision, batch_size=trainer_cfg.batch_size))
     assert metrics is not None  # no stop signal in a single process
     return metrics
 
@@ -91,9 +90,9 @@ def _name(a: dict, data: DictConfig, changed: bool) -> str:
 
 def run_evaluate(argv: list[str]) -> dict:
     """Parse, load, evaluate, print and write `eval_<name>.json`; returns the report."""
-    from trainer.cli_args import parse_args
+    from trainer.cli import parse_args
     from trainer.data import StoreBlocks, load_corpus
-    from trainer.load import load_model
+    from trainer.runs.artifacts import load_model
 
     a, raw = parse_args(argv, SPEC, "python -m trainer.evaluate", passthrough=("data",))
     if not a["run_dir"]:
@@ -121,7 +120,7 @@ def run_evaluate(argv: list[str]) -> dict:
     split = a["split"] or ("all" if raw and data.source != "pairs" else "val")
     retrieval = None
     if data.source == "pairs":  # retrieval pairs: the held-out queries searched against the held-out documents
-        from trainer.pair_data import load_pair_corpus
+        from trainer.data.pairs import load_pair_corpus
 
         if split != "val":
             raise ConfigError(f"split={split} is not available for data=pairs; its evaluation is the held-out "
@@ -153,7 +152,7 @@ def run_evaluate(argv: list[str]) -> dict:
 
 def main(argv: list[str]) -> int:
     """The command line; returns the exit status (2 on bad input, with one `error:` sentence)."""
-    from trainer.cli_args import run_tool
+    from trainer.cli import run_tool
 
     return run_tool(run_evaluate, argv)
 

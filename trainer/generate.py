@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn as nn
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data import EOS
 from trainer.precision import autocast
 
@@ -128,7 +128,7 @@ def _check(a: dict) -> None:
 
 def _prepare(a: dict):
     """Load the run (and quantize it) and encode the prompt; returns what `main` samples with."""
-    from trainer.load import load_model
+    from trainer.runs.artifacts import load_model
 
     _check(a)
     device = torch.device("cuda" if a["device"] == "cuda" or (a["device"] == "auto" and torch.cuda.is_available())
@@ -174,7 +174,7 @@ def main(argv: list[str]) -> int:
     """The CLI; returns the exit status (2 on bad input, with one `error:` sentence on stderr)."""
     from tqdm import tqdm
 
-    from trainer.cli_args import parse_args
+    from trainer.cli import parse_args
 
     try:
         a, _ = parse_args(argv, SPEC, "python -m trainer.generate")

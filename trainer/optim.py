@@ -6,6 +6,9 @@ import math
 import torch
 import torch.nn as nn
 
+OPTIMIZERS = ("adamw",)  # optim=<name>
+SCHEDULES = ("cosine", "constant")  # schedule=<name>
+
 
 def decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split trainable parameters into (decayed, not decayed) by what each parameter is.

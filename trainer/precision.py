@@ -7,6 +7,7 @@ from typing import ContextManager
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = tuple(DTYPES)  # precision=<dtype>
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:

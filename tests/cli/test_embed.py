@@ -40,8 +40,8 @@ def runs(tmp_path_factory):
 def _reference(run_dir, texts: list[str]) -> np.ndarray:
     """Each text alone (no batch, no padding): BOS + bytes + EOS cut to seq_len with EOS kept,
     the model's token states mean-pooled over every position, then L2-normalised."""
-    from trainer.contrastive import embed
-    from trainer.load import load_model
+    from trainer.retrieval.embedding import embed
+    from trainer.runs.artifacts import load_model
 
     model, tok, cfg = load_model(str(run_dir))
     out = []

@@ -19,21 +19,15 @@ DATA = {"pairs": ["data=pairs"], "blocks": [], "pairs_learned": ["data=pairs", "
 # The naive split: each rank's (and micro-batch's) loss over its own rows only, so its negatives
 # are its own documents, backpropagated as the loop does for an objective without global negatives.
 NAIVE = """import runpy
-import torch
-import trainer.contrastive
-from trainer.loop import _to_device
+import trainer.objectives.contrastive as c
 
 
-def per_rank_step(lp, micros, total):
-    loss, correct = torch.zeros(()), torch.zeros(())
-    for m in micros:
-        ls, c = lp.objective.loss(lp.model, _to_device(m, lp.device))
-        (ls * (lp.dist.world_size / total)).backward()
-        loss, correct = loss + ls.detach(), correct + c.detach()
-    return loss, correct
+def per_rank_loss(self, model, batch, rank, world_size):
+    q, d = self._embed_pair(model, batch)
+    return c.info_nce(q, d, c.logit_scale(model, self.temperature))
 
 
-trainer.contrastive.grad_cache_step = per_rank_step
+c.Contrastive._cached_loss = per_rank_loss
 runpy.run_module("trainer", run_name="__main__", alter_sys=True)
 """
 

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, root)  # this checkout's trainer, not whatever else is installed
     import torch
     from hydra import compose, initialize_config_dir
-    from trainer.config import register_configs
+    from trainer.config.schema import register_configs
     from trainer.distributed import init_distributed, teardown
     from trainer.run import build_wrapped_model
 

@@ -37,8 +37,8 @@ def _block_cache_entries() -> int:
 
 @pytest.fixture
 def compiled_models(monkeypatch):
-    """Every model `trainer.run.apply_compile` returns during the test."""
-    import trainer.run as run_mod
+    """Every model `trainer.transforms.apply_compile` returns during the test."""
+    import trainer.transforms as run_mod
 
     seen = []
     real = run_mod.apply_compile

@@ -15,8 +15,8 @@ import torch
 from conftest import run_cli, tiny_cli_args
 from tb import read_scalars
 from trainer.data import EOS, load_corpus
-from trainer.heldout import eval_indices
-from trainer.load import load_model
+from trainer.data.heldout import eval_indices
+from trainer.runs.artifacts import load_model
 from trainer.run import run
 
 ARCHS = {"clm": "decoder", "mlm": "encoder", "span": "encoder_decoder"}

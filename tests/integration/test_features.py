@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from conftest import CONF, ROOT, compose_cfg, run_cli, tiny_cli_args
 from models.build import build_model
 from tb import read_scalars
-from trainer.config import ConfigError, validate
+from trainer.errors import ConfigError
+from trainer.config.validate import validate
 from trainer.data import VOCAB_SIZE, BatchStream, load_corpus
 from trainer.objectives import build_objective
 from trainer.run import run

@@ -11,12 +11,12 @@ import torch
 from conftest import compose_cfg, run_cli
 from models.build import build_model
 from trainer import load_model
-from trainer.checkpoint import safe_load
-from trainer.config import to_container
+from trainer.runs.checkpoints import safe_load
+from trainer.config.schema import to_container
 from trainer.data import VOCAB_SIZE
 from trainer.evaluate import run_evaluate
 from trainer.generate import main as generate_main
-from trainer.load import save_weights
+from trainer.runs.artifacts import save_weights
 from trainer.run import run
 
 LEARN = ["model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=256", "data.seq_len=64",

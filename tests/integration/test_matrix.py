@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from models.build import build_model
-from trainer.config import ARCHS, ATTENTIONS, NORMS, POSITIONS, resolve_objective, validate
+from models.build import ARCHS
+from models.ops.attention import KERNELS as ATTENTIONS
+from models.norm import NORMS
+from models.position import POSITIONS
+from trainer.objectives import resolve_objective
+from trainer.config.validate import validate
 from trainer.data import VOCAB_SIZE, load_corpus
 from trainer.objectives import build_objective
 

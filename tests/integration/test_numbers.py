@@ -275,10 +275,12 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
     """In process: after NonFiniteLoss the live model and optimizer are exactly as the last good
     step left them (the bad step's NaN gradients were never applied)."""
     import trainer.run as run_mod
-    from trainer.loop import NonFiniteLoss
+    from trainer.errors import NonFiniteLoss
 
     live = {}
-    real_build_model, real_build_optimizer = run_mod.build_model, run_mod.build_optimizer
+    import trainer.runs.model as model_mod
+
+    real_build_model, real_build_optimizer = model_mod.build_model, run_mod.build_optimizer
 
     def build_model(*a, **kw):
         live["model"] = real_build_model(*a, **kw)
@@ -288,7 +290,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
         live["optimizer"] = real_build_optimizer(*a, **kw)
         return live["optimizer"]
 
-    monkeypatch.setattr(run_mod, "build_model", build_model)
+    monkeypatch.setattr(model_mod, "build_model", build_model)
     monkeypatch.setattr(run_mod, "build_optimizer", build_optimizer)
     with pytest.raises(NonFiniteLoss) as err:
         run(compose_cfg(*NONFINITE), run_dir=str(tmp_path))

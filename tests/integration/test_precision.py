@@ -37,7 +37,9 @@ def test_block_linears_run_in_the_chosen_precision(tmp_path, monkeypatch, precis
     import trainer.run as run_mod
 
     seen: dict[str, set] = {}
-    real_build_model = run_mod.build_model
+    import trainer.runs.model as model_mod
+
+    real_build_model = model_mod.build_model
 
     def build_model(*a, **kw):
         model = real_build_model(*a, **kw)
@@ -50,7 +52,7 @@ def test_block_linears_run_in_the_chosen_precision(tmp_path, monkeypatch, precis
             mod.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(run_mod, "build_model", build_model)
+    monkeypatch.setattr(model_mod, "build_model", build_model)
     run(compose_cfg(f"precision={precision}", "trainer.max_steps=1", "trainer.eval_every=1", "trainer.eval_batches=1"),
         run_dir=str(tmp_path))
     assert seen == {name: {dtype} for name in ("qkv", "out", "up", "down")}, seen

@@ -80,14 +80,14 @@ def test_trained_encoder_beats_random_init_and_reports_bm25(trained):
 
 def _held_out_search(cfg):
     """The held-out queries and the documents they are searched against, straight from the pairs."""
-    from trainer.pairs import build_pairs
+    from trainer.data.code_pairs import build_pairs
 
     pairs = build_pairs(cfg.data, cfg.seed)
     return pairs.val.queries, pairs.val.documents + pairs.extra_documents
 
 
 def _embed_one_by_one(model, tok, texts: list[bytes], seq_len: int, pooling: str) -> torch.Tensor:
-    from trainer.contrastive import embed
+    from trainer.retrieval.embedding import embed
 
     out = []
     with torch.no_grad():
@@ -115,7 +115,7 @@ def _hand_metrics(q: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
 def test_eval_metrics_equal_an_independent_computation(trained):
     """The final eval recall@1/@10 and MRR@10 equal those of the final weights, each held-out
     query and document embedded on its own (no batching, no padding) and ranked by hand."""
-    from trainer.load import load_model
+    from trainer.runs.artifacts import load_model
 
     run_dir, _ = trained
     model, tok, cfg = load_model(str(run_dir))
@@ -154,7 +154,7 @@ def test_learned_temperature_trains_and_is_saved(learned):
 def test_learned_temperature_run_loads_for_embed_and_evaluate(learned, tmp_path):
     """load_model, `python -m trainer.embed` and `python -m trainer.evaluate` accept a
     learned-temperature run (the scale only shaped the training loss)."""
-    from trainer.load import load_model
+    from trainer.runs.artifacts import load_model
 
     model, _, _ = load_model(str(learned))
     assert not hasattr(model, "logit_scale") or model.logit_scale.shape == ()
@@ -265,7 +265,7 @@ def test_user_pairs_with_custom_fields_and_extra_corpus(tmp_path):
     """A .jsonl of {q, d} records (data.query_field=q data.document_field=d) plus
     data.corpus_files trains and evaluates; the held-out search covers the held-out documents
     and every corpus document."""
-    from trainer.heldout import held_out_documents
+    from trainer.data.heldout import held_out_documents
 
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
     pairs = tmp_path / "mine.jsonl"

@@ -128,7 +128,7 @@ def test_fp16_uses_grad_scaler(make_cfg, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(make_cfg, tmp_path):
     """lr=1e30 blows the weights up after step 1; the NaN loss of step 2 stops the run before
     its optimizer step, and the checkpoint written before it survives."""
-    from trainer.loop import NonFiniteLoss
+    from trainer.errors import NonFiniteLoss
 
     cfg = make_cfg("optim.lr=1e30", "trainer.grad_clip=0", "schedule.warmup_steps=0",
                    "trainer.checkpoint_every=1", "trainer.max_steps=9")

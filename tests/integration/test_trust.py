@@ -81,7 +81,7 @@ def test_logged_lr_is_the_lr_the_update_used(make_cfg, tmp_path):
     logged = read_scalars(str(tmp_path))["train/lr"][1]
     assert logged == pytest.approx(4e-4, rel=1e-6)
     from models.build import build_model
-    from trainer.run import _seed_all
+    from trainer.runs.process import seed_all as _seed_all
 
     _seed_all(cfg.seed)
     init = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=384,
@@ -97,7 +97,7 @@ def test_eval_loss_is_the_loss_on_the_whole_held_out_split(make_cfg, tmp_path):
     the blocks `eval_indices` names, which reach the end of the split."""
     from models.build import build_model
     from trainer.data import load_corpus
-    from trainer.heldout import eval_indices
+    from trainer.data.heldout import eval_indices
 
     cfg = make_cfg("trainer.max_steps=4", "trainer.eval_every=4", "trainer.eval_batches=1000")
     summary = run(cfg, run_dir=str(tmp_path))

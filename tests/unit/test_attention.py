@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from models import tiled_attention as tiled_mod
-from models.attention import KERNELS, attention, expand_rel_bias
+from models.ops import tiled_attention as tiled_mod
+from models.ops.attention import KERNELS, attention, expand_rel_bias
 
 BLOCK = 16
 
@@ -322,7 +322,7 @@ def test_short_flash_takes_the_matmul_softmax_path(case: str, block: int, dtype:
     T=37 into 5 blocks, the last one ragged; 128 is one block); it matches fp32 standard attention
     (outputs and the q/k/v grads; top-left causal alignment as SDPA's is_causal) to bf16 precision
     in bf16 and to 1e-5 in fp32, and future keys never reach a causal row."""
-    import models.attention as attn_mod
+    import models.ops.attention as attn_mod
 
     calls = []
     real = attn_mod._MatmulSoftmax.apply
@@ -346,7 +346,7 @@ def test_short_flash_takes_the_matmul_softmax_path(case: str, block: int, dtype:
 def test_causal_query_blocks_cover_exactly_the_visible_keys() -> None:
     """Block i of a causal product multiplies queries [s, e) by keys [0, min(e, Tk)) only: every
     query appears once, and no block drops a key its last query can see."""
-    from models.attention import _query_blocks
+    from models.ops.attention import _query_blocks
 
     for tq, tk, block in [(256, 256, 128), (37, 37, 8), (19, 45, 8), (45, 19, 8), (5, 5, 128)]:
         blocks = _query_blocks(tq, tk, True, block)
@@ -359,7 +359,7 @@ def test_causal_query_blocks_cover_exactly_the_visible_keys() -> None:
 
 
 def test_matmul_softmax_only_where_it_beats_sdpa() -> None:
-    from models.attention import MATMUL_SOFTMAX_MAX_SCORES, _use_matmul_softmax
+    from models.ops.attention import MATMUL_SOFTMAX_MAX_SCORES, _use_matmul_softmax
 
     def qk(t: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return torch.zeros(1, 1, t, 8, dtype=dtype), torch.zeros(1, 1, t, 8, dtype=dtype)

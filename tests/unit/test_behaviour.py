@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from models.build import build_model, num_params
-from trainer import checkpoint as ckpt
-from trainer.config import ConfigError
+from trainer.runs import checkpoints as ckpt
+from trainer.errors import ConfigError
 from trainer.data import VOCAB_SIZE
 from trainer.distributed import Dist
 from trainer.optim import build_optimizer, build_scheduler
@@ -46,7 +46,7 @@ def _tokens(b: int, t: int, seed: int = 1) -> torch.Tensor:
 def sdpa_calls(monkeypatch) -> list[dict[str, Any]]:
     """Every call to F.scaled_dot_product_attention (its kwargs), still calling through; the CPU
     matmul-softmax path for short mask-free sequences is off, so every such call reaches SDPA."""
-    import models.attention as attn_mod
+    import models.ops.attention as attn_mod
 
     monkeypatch.setattr(attn_mod, "MATMUL_SOFTMAX_MAX_SCORES", {})
     calls: list[dict[str, Any]] = []

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import compose_cfg
 from models.build import build_model
-from trainer.contrastive import Contrastive, apply_learned_temperature, info_nce, pool
+from trainer.objectives.contrastive import Contrastive, apply_learned_temperature, info_nce
+from trainer.retrieval.embedding import pool
 
 PAD = 256
 
@@ -41,9 +42,9 @@ def _loop(cfg, model, blocks, objective, grad_accum, precision="fp32"):
     tcfg.grad_accum = grad_accum
     return Loop(model=model, optimizer=opt, scheduler=build_scheduler(opt, cfg.schedule, 10),
                 scaler=build_scaler(precision, torch.device("cpu")), objective=objective,
-                stream=BatchStream(blocks, 8, 0), val_blocks=blocks, gen=torch.Generator().manual_seed(5),
+                stream=BatchStream(blocks, 8, 0), evaluators=[], gen=torch.Generator().manual_seed(5),
                 device=torch.device("cpu"), precision=precision, dist=Dist(), logger=Logger("", False, 10, 0, False),
-                cfg=tcfg, flops_per_token=1.0, mfu=lambda t: 0.0, save=lambda s: None, stop_signal=lambda: 0)
+                cfg=tcfg, mfu=lambda t: 0.0, save=lambda s: None, stop_signal=lambda: 0)
 
 
 def _pair_blocks(n: int, length: int, seed: int) -> torch.Tensor:
@@ -72,7 +73,7 @@ def test_grad_accum_gives_the_whole_batch_loss_and_gradients(data, learn, poolin
             apply_learned_temperature(model, 0.07)
         from trainer.loop import train_step
 
-        lp = _loop(cfg, model, blocks, Contrastive(0.05, pooling, PAD), accum)
+        lp = _loop(cfg, model, blocks, Contrastive(0.05, pooling, PAD, mini_batches=accum), accum)
         out = train_step(lp, 0)
         names = {id(p): n for n, p in model.named_parameters()}
         results.append((float(out["loss_sum"]), {names[k]: v for k, v in lp.optimizer.grads[0].items()}))

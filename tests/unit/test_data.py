@@ -12,7 +12,7 @@ import torch
 
 import trainer.data.sources
 from conftest import compose_cfg
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data import BOS, EOS, load_corpus
 
 SEQ_LEN = 32  # the tiny config's data.seq_len: blocks of 33 tokens

@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 
 from models.build import build_model
-from trainer.config import ATTENTIONS, POSITIONS, AttentionConfig, ModelConfig, NormConfig, PositionConfig
+from models.ops.attention import KERNELS as ATTENTIONS
+from models.position import POSITIONS
+from trainer.config.schema import AttentionConfig, ModelConfig, NormConfig, PositionConfig
 from trainer.data import VOCAB_SIZE
 from trainer.generate import filter_logits, generate, sample_next
 

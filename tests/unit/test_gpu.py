@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attention import attention
+from models.ops.attention import attention
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose_cfg
 from models.build import build_model
-from trainer.config import resolve_objective
+from trainer.objectives import resolve_objective
 from trainer.data import BOS, EOS, VOCAB_SIZE
 from trainer.objectives import build_objective
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.linear as lin
+import models.ops.linear as lin
 
 pytestmark = pytest.mark.skipif(not lin._onednn_linear_works(), reason="this torch build has no oneDNN linear")
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from models.build import build_model, num_params
-from trainer.config import ATTENTIONS, NORMS, POSITIONS
+from models.ops.attention import KERNELS as ATTENTIONS
+from models.norm import NORMS
+from models.position import POSITIONS
 from trainer.data import VOCAB_SIZE
 
 

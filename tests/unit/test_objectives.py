@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ConfigError, ObjectiveConfig
+from trainer.errors import ConfigError
+from trainer.config.schema import ObjectiveConfig
 from trainer.data import BOS, EOS, MASK, NUM_SENTINELS, PAD, VOCAB_SIZE
 from trainer.objectives import MaskedLM, SpanCorruption, build_objective, span_lengths
 

@@ -10,11 +10,12 @@ from collections import defaultdict
 
 import pytest
 
-import trainer.pairs
-from trainer.config import ConfigError, DataConfig
+import trainer.data.code_pairs
+from trainer.errors import ConfigError
+from trainer.config.schema import DataConfig
 from trainer.data import BOS, EOS, load_corpus, stdlib_files
-from trainer.heldout import held_out_documents
-from trainer.pairs import build_pairs, stdlib_pairs
+from trainer.data.heldout import held_out_documents
+from trainer.data.code_pairs import build_pairs, stdlib_pairs
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _QUOTES = re.compile(r"""^[rRbBuU]*(\"\"\"|'''|"|')|(\"\"\"|'''|"|')$""")
@@ -153,7 +154,7 @@ def test_split_is_held_out_documents_by_file(tmp_path, pairs200):
     files = stdlib_files(200)
     pairs = build_pairs(_data(tmp_path, max_files=200), seed)
     _, val_idx = held_out_documents(len(files), 0.05, seed)
-    val_files = {trainer.pairs._relative(files[i]) for i in val_idx}
+    val_files = {trainer.data.code_pairs._relative(files[i]) for i in val_idx}
     assert len(pairs.val) > 0 and len(pairs.train) > 0
     # every pair is in exactly one split, the held-out one exactly when its file is held out
     expected_val = [p for p in pairs200 if p[2].split(":")[0] in val_files]
@@ -175,7 +176,7 @@ def test_val_pairs_come_from_the_files_the_lm_corpus_holds_out(tmp_path):
     stream = corpus.val.flatten().tolist()
     assert len(stream) > 0.5 * len(expected) and stream == expected[:len(stream)]
     pairs = build_pairs(cfg, seed=1)
-    val_files = {trainer.pairs._relative(files[i]) for i in val_idx}
+    val_files = {trainer.data.code_pairs._relative(files[i]) for i in val_idx}
     assert len(pairs.val) > 0 and {s.split(":")[0] for s in pairs.val.sources} <= val_files
     assert not {s.split(":")[0] for s in pairs.train.sources} & val_files
 
@@ -184,7 +185,7 @@ def test_builds_are_deterministic_and_cached(tmp_path, monkeypatch):
     a = build_pairs(DataConfig(cache_dir=str(tmp_path / "a"), max_files=60), 0)
     b = build_pairs(DataConfig(cache_dir=str(tmp_path / "b"), max_files=60), 0)
     assert a == b
-    monkeypatch.setattr(trainer.pairs, "_stdlib_split", lambda *_: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(trainer.data.code_pairs, "_stdlib_split", lambda *_: pytest.fail("the cache was not used"))
     assert build_pairs(DataConfig(cache_dir=str(tmp_path / "a"), max_files=60), 0) == a
     assert list((tmp_path / "a" / "pairs").glob("*/pairs.json"))
 

@@ -7,13 +7,7 @@ import math
 import pytest
 import torch
 
-from models.position import (
-    POSITIONS,
-    alibi_slopes,
-    build_position,
-    rel_bias_matrix,
-    relative_position_bucket,
-)
+from models.position import POSITIONS, alibi_slopes, build_position, rel_bias_matrix, relative_position_bucket
 
 
 def _build(kind: str, **overrides: object):

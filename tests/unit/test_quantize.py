@@ -9,11 +9,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from models.build import build_model
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data import VOCAB_SIZE
-from trainer.qlinear import Int4WeightLinear, dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from trainer.quantize import (_ao, _ptq_config, apply_ptq, apply_qat, block_linears, finalize_qat, linear_state,
-                              load_quantized, quantized_layers, state_dict_bytes, tensor_bytes)
+from trainer.quantize.int4_linear import Int4WeightLinear, dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from trainer.quantize import _ao, _ptq_config, apply_ptq, apply_qat, block_linears, finalize_qat, linear_state, load_quantized, quantized_layers, state_dict_bytes, tensor_bytes
 
 # Relative output error bounds on random data: int8 rounding is 1/254 of a row's range per
 # element; int4 is 1/30 of a group's range (asymmetric), a few percent after summing.

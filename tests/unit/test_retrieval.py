@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-import trainer.retrieval
-from trainer.retrieval import bm25_baseline, bm25_scores, positive_ranks, retrieval_metrics, tokenize
+import trainer.retrieval.metrics
+from trainer.retrieval.bm25 import bm25_baseline, bm25_scores, tokenize
+from trainer.retrieval.metrics import positive_ranks, retrieval_metrics
 
 NAN = float("nan")
 
@@ -70,7 +71,7 @@ def test_chunking_gives_the_unchunked_result(monkeypatch):
     for chunk in (1, 5, 36):
         assert torch.equal(positive_ranks(scores, positives, chunk_size=chunk), full)
         assert retrieval_metrics(scores, positives, chunk_size=chunk) == retrieval_metrics(scores, positives)
-    monkeypatch.setattr(trainer.retrieval, "_MAX_CHUNK_ELEMENTS", 3 * 53)  # default chunk: 3 queries
+    monkeypatch.setattr(trainer.retrieval.metrics, "_MAX_CHUNK_ELEMENTS", 3 * 53)  # default chunk: 3 queries
     assert torch.equal(positive_ranks(scores, positives), full)
 
 

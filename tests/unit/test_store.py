@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from trainer.config import ConfigError, validate
+from trainer.errors import ConfigError
+from trainer.config.validate import validate
 from trainer.data import BOS, EOS, BatchStream, load_corpus
 from trainer.data.store import StoreBlocks
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ConfigError, ObjectiveConfig
-from trainer.data.tokenizer import (BOS, EOS, MASK, PAD, VOCAB_SIZE, ByteTokenizer, load_pretrained,
-                                    load_tokenizer_json, model_vocab_size, train_bpe)
+from trainer.errors import ConfigError
+from trainer.config.schema import ObjectiveConfig
+from trainer.data.tokenizer import BOS, EOS, MASK, PAD, VOCAB_SIZE, ByteTokenizer, load_pretrained, load_tokenizer_json, model_vocab_size, train_bpe
 from trainer.objectives import build_objective
 
 _STDLIB = ("argparse.py", "textwrap.py", "json/decoder.py", "string.py", "csv.py")

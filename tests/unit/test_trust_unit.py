@@ -11,8 +11,9 @@ import torch
 
 from conftest import compose_cfg
 from models.build import build_model
-from trainer.config import ConfigError, validate
-from trainer.heldout import eval_indices, eval_sample
+from trainer.errors import ConfigError
+from trainer.config.validate import validate
+from trainer.data.heldout import eval_indices, eval_sample
 from trainer.optim import build_optimizer, decay_parameters
 
 LINEAR_NAMES = {"qkv", "q", "kv", "out", "up", "down"}
@@ -79,6 +80,7 @@ def test_eval_indices_are_spread_over_the_whole_split(n, batch, batches):
 def _loop(cfg, model, val):
     from trainer.data import BatchStream
     from trainer.distributed import Dist
+    from trainer.evaluation.heldout import HeldOutLoss
     from trainer.loop import Loop
     from trainer.metrics import Logger
     from trainer.objectives import build_objective
@@ -88,9 +90,10 @@ def _loop(cfg, model, val):
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
     return Loop(model=model, optimizer=opt, scheduler=build_scheduler(opt, cfg.schedule, 10),
                 scaler=build_scaler("fp32", torch.device("cpu")), objective=build_objective("mlm", cfg.objective),
-                stream=BatchStream(val, 8, 0), val_blocks=val, gen=torch.Generator().manual_seed(5),
+                stream=BatchStream(val, 8, 0),
+                evaluators=[HeldOutLoss(build_objective("mlm", cfg.objective), val, cfg.trainer.eval_batches)], gen=torch.Generator().manual_seed(5),
                 device=torch.device("cpu"), precision="fp32", dist=Dist(), logger=Logger("", False, 10, 0, False),
-                cfg=cfg.trainer, flops_per_token=1.0, mfu=lambda t: 0.0, save=lambda s: None,
+                cfg=cfg.trainer, mfu=lambda t: 0.0, save=lambda s: None,
                 stop_signal=lambda: 0)
 
 
@@ -115,7 +118,8 @@ def test_evaluation_is_repeatable_and_leaves_training_generators_alone():
 def test_stop_request_during_evaluation_saves_and_skips_it():
     """A stop flag raised while evaluating: the evaluation stops at the next batch, the step is
     saved, StopRequested carries the step, and no eval metric is recorded for it."""
-    from trainer.loop import StopRequested, TrainState, fit
+    from trainer.errors import StopRequested
+    from trainer.loop import TrainState, fit
 
     cfg = compose_cfg("model=encoder", "trainer.eval_every=2", "trainer.eval_batches=50",
                       "trainer.max_steps=6", "trainer.checkpoint_every=100")

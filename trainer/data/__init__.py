@@ -15,14 +15,13 @@ from typing import Callable
 
 import torch
 
-from trainer.config import ConfigError, DataConfig, TokenizerConfig
+from trainer.errors import ConfigError
+from trainer.config.schema import DataConfig, TokenizerConfig
 from trainer.data import sources
 from trainer.data.sources import load_documents, stdlib_files
 from trainer.data.store import BatchStream, StoreBlocks, finish_store, open_store, write_store
-from trainer.data.tokenizer import (BOS, EOS, MASK, NUM_SENTINELS, PAD, SENTINEL0, VOCAB_SIZE, ByteTokenizer,
-                                    HFTokenizer, load_pretrained, load_tokenizer_json, model_vocab_size,
-                                    texts_of, tokenizer_file, train_bpe)
-from trainer.heldout import held_out_documents
+from trainer.data.tokenizer import BOS, EOS, MASK, NUM_SENTINELS, PAD, SENTINEL0, VOCAB_SIZE, ByteTokenizer, HFTokenizer, load_pretrained, load_tokenizer_json, model_vocab_size, texts_of, tokenizer_file, train_bpe
+from trainer.data.heldout import held_out_documents
 
 _FORMAT_VERSION = 3  # bump when tokenization, packing or the store layout changes (invalidates caches)
 BPE_TRAIN_BYTES = 32 << 20  # tokenizer=bpe learns its merges from at most this much training text

@@ -13,11 +13,13 @@ import sysconfig
 import tempfile
 from typing import Iterator, Sequence
 
-from trainer.config import ConfigError, DataConfig
+from trainer.errors import ConfigError
+from trainer.config.schema import DataConfig
 
 _RAW_EXTS = (".md", ".text", ".txt")  # read as raw bytes, one document per file
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # read by `datasets`
 _READ_CHUNK = 1 << 24  # .json/.jsonl are checked (and transcoded) in chunks, not whole in memory
+SOURCES = ("stdlib", "text", "hub", "pairs")  # data=<source>
 DOC_BATCH = 256  # the packer drops the partial block after every this many documents
 READ_DOCS = 16  # documents read (and tokenized) at a time: memory is bounded by a few of these
 

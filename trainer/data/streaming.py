@@ -20,7 +20,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from trainer.config import ConfigError, DataConfig
+from trainer.errors import ConfigError
+from trainer.config.schema import DataConfig
+from trainer.data import ByteTokenizer, Corpus
+from trainer.data.sources import load_documents
+from trainer.data.tokenizer import load_pretrained
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".md": "text",
              ".text": "text"}
@@ -146,10 +150,6 @@ class StreamingBatches:
 def load_stream_corpus(cfg: DataConfig, seed: int, tok_cfg, num_val_blocks: int, say=print):
     """The `Corpus` of a streaming run: its tokenizer (byte or pretrained), its validation blocks
     (data.val_files whole, or the stream's first documents) and where training starts."""
-    from trainer.data import ByteTokenizer, Corpus
-    from trainer.data.sources import load_documents
-    from trainer.data.tokenizer import load_pretrained
-
     tokenizer = ByteTokenizer() if tok_cfg is None or tok_cfg.kind == "byte" else load_pretrained(tok_cfg.path, say=say)
     skip = 0
     if cfg.val_files:

@@ -14,11 +14,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 # Byte-level vocabulary: ids 0..255 are bytes, then the special ids the objectives need.
 PAD, BOS, EOS, MASK = 256, 257, 258, 259
 SENTINEL0 = 260  # span corruption: sentinels occupy SENTINEL0..VOCAB_SIZE-1, counting down from the top
+TOKENIZERS = ("byte", "bpe", "pretrained")  # tokenizer=<kind>
 VOCAB_SIZE = 384  # 124 sentinels; a multiple of 64 keeps the embedding/head matmuls aligned
 NUM_SENTINELS = VOCAB_SIZE - SENTINEL0
 BPE_SENTINELS = 100  # T5's count (`<extra_id_0>` .. `<extra_id_99>`)

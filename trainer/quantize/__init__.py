@@ -18,18 +18,19 @@ import torch
 import torch.nn as nn
 
 from models.blocks import Block
-from models.build import build_model
-from trainer.config import ConfigError
-from trainer.data import VOCAB_SIZE
-from trainer.qlinear import INT4_FUSED_GROUPS, Int4WeightLinear
+from trainer.errors import ConfigError
+from trainer.data.tokenizer import VOCAB_SIZE
+from trainer.runs.model import build_run_model, model_with_weights, weights_vocab
+from trainer.quantize.int4_linear import INT4_FUSED_GROUPS, Int4WeightLinear
 from trainer.quantize.report import (compare_variants, cpu_features, cpu_flags, format_table,  # noqa: F401
                                      prepare_batches, state_dict_bytes, tensor_bytes)
 
 PTQ_METHODS = ("dynamic_int8", "weight_int8", "weight_int4")
 METHODS = (*PTQ_METHODS, "qat_int8")
+QUANTIZE = ("none", *METHODS)  # quantize=<method>
 FULL_PRECISION = "token embedding and LM head (tied by default), norms, position parameters"
 TESTED = "torch 2.13.0 + torchao 0.18.0"
-FALLBACK = "trainer.qlinear.Int4WeightLinear"
+FALLBACK = "trainer.quantize.int4_linear.Int4WeightLinear"
 
 
 def _ao():
@@ -202,26 +203,12 @@ def build_init_model(cfg, vocab_size: int = VOCAB_SIZE) -> nn.Module:
     """A freshly initialized unquantized model for root config `cfg` with `vocab_size` embedding
     rows (caller's RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
-        return build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=vocab_size,
-                           max_len=cfg.data.seq_len)
-
-
-def _vocab(weights: dict) -> int:
-    """Embedding rows of a state_dict (the tokenizer's vocabulary, rounded as the run built it)."""
-    embed = weights.get("embed.weight")
-    return int(embed.shape[0]) if embed is not None else VOCAB_SIZE
+        return build_run_model(cfg, vocab_size)
 
 
 def build_float_model(cfg, weights: dict) -> nn.Module:
-    """An unquantized model for root config `cfg`, loaded with the plain state_dict `weights`
-    (with a contrastive run's learned `logit_scale`, which scales its loss, when it has one)."""
-    model = build_init_model(cfg, _vocab(weights))
-    if "logit_scale" in weights:
-        from trainer.contrastive import apply_learned_temperature
-
-        apply_learned_temperature(model, cfg.objective.temperature)
-    model.load_state_dict(weights)
-    return model.eval()
+    """An unquantized model for root config `cfg`, loaded with the plain state_dict `weights`."""
+    return model_with_weights(cfg, weights)
 
 
 def load_quantized(path: str, cfg, method: str | None = None) -> nn.Module:
@@ -232,13 +219,13 @@ def load_quantized(path: str, cfg, method: str | None = None) -> nn.Module:
         path: the file. cfg: the run's root config (model sizes, quantize.group_size).
         method: the quantization in the file; default cfg.quantize.method.
     """
-    from trainer.checkpoint import safe_load
+    from trainer.runs.checkpoints import safe_load
 
     _ao()
     state = safe_load(path, what="quantized weights")
-    model = build_init_model(cfg, _vocab(state))
+    model = build_init_model(cfg, weights_vocab(state))
     if "logit_scale" in state:  # a contrastive run's learned temperature
-        from trainer.contrastive import apply_learned_temperature
+        from trainer.objectives.contrastive import apply_learned_temperature
 
         apply_learned_temperature(model, cfg.objective.temperature)
     zeros = [k for k in state if k.endswith(".zero")]

@@ -13,7 +13,9 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
-from trainer.config import Config, ConfigError, resolve_objective
+from trainer.config.schema import Config
+from trainer.errors import ConfigError
+from trainer.objectives import resolve_objective
 from trainer.quantize import METHODS
 
 USAGE = "usage: python -m trainer.quantize run_dir=<run dir> quantize=<method> [quantize.compile=true|false|both]"
@@ -63,7 +65,7 @@ def load_run_config(run_dir: str, args: dict[str, str]):
 
 def quantize_run(run_dir: str, cfg) -> dict:
     """Quantize `<run_dir>/model.pt` as `cfg.quantize` asks; returns summary.json's "quantize" entry."""
-    from trainer.checkpoint import safe_load
+    from trainer.runs.checkpoints import safe_load
     from trainer.data import load_corpus
     from trainer.metrics import write_summary
     from trainer.objectives import build_objective
@@ -74,7 +76,7 @@ def quantize_run(run_dir: str, cfg) -> dict:
     cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     from trainer.data import blocks_of
-    from trainer.load import load_tokenizer
+    from trainer.runs.artifacts import load_tokenizer
 
     tokenizer = load_tokenizer(run_dir, cfg)
     objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective, tokenizer)
@@ -83,7 +85,7 @@ def quantize_run(run_dir: str, cfg) -> dict:
         torch.set_num_threads(cfg.trainer.threads)
     try:
         if cfg.data.source == "pairs":  # a retrieval encoder: the report also judges it by retrieval
-            from trainer.pair_data import load_pair_corpus
+            from trainer.data.pairs import load_pair_corpus
 
             pairs = load_pair_corpus(cfg.data, cfg.seed, tokenizer)
             val, retrieval = pairs.val, pairs.retrieval

@@ -143,7 +143,7 @@ if __name__ == "__main__":  # the child process of `longest_documents` on CPU
 
     from omegaconf import OmegaConf
 
-    from trainer.config import Config
+    from trainer.config.schema import Config
 
     _malloc_to_system()
     cfg_path, budget, first, last, names, threads = sys.argv[1:7]

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch._inductor.config  # noqa: F401  (the compile-time settings below)
 
-from trainer.heldout import eval_sample
-from trainer.loop import EVAL_SEED  # same masks as the logged eval/loss
+from trainer.data.heldout import eval_sample
+from trainer.data.heldout import EVAL_SEED  # same masks as the logged eval/loss
 from trainer.objectives import Objective
 from trainer.precision import autocast
 

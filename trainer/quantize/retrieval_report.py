@@ -27,8 +27,8 @@ def compare_retrieval(variants: dict[str, tuple[nn.Module, str]], retrieval, pad
         {name: {size_mb, docs_per_s, recall@1, recall@10, mrr@10, ndcg@10, and *_delta against
         `baseline` (absolute, in metric points), size_ratio, speedup}}.
     """
-    from trainer.contrastive import embed_rows
-    from trainer.retrieval import retrieval_metrics
+    from trainer.retrieval.embedding import embed_rows
+    from trainer.retrieval.metrics import retrieval_metrics
 
     rows: dict[str, dict] = {}
     for name, (model, precision) in variants.items():

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.tiled_attention import tiled_attention
+from models.ops.tiled_attention import tiled_attention
 
 KERNELS = ("standard", "flash", "tiled")
 

@@ -1,199 +1,33 @@
-"""Typed config schemas, their ConfigStore registration, and cross-field checks.
+"""Cross-field config checks: what the typed schema cannot express.
 
-Hydra merges `conf/` YAML into these dataclasses, so an unknown key or a wrong type is
-rejected before any work starts; `validate()` then checks what types cannot express.
+Each list of valid choices is read from the module that owns the choice (the attention kernels
+from `models.ops.attention`, the objectives from `trainer.objectives`, ...), so a new choice is
+added in one place. Every failure is a `ConfigError` whose message is one sentence naming the key,
+the value and what would be valid.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import List, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-ARCHS = ("encoder", "decoder", "encoder_decoder")
-ATTENTIONS = ("standard", "flash", "tiled")
-POSITIONS = ("sinusoidal", "learned", "relative", "rope", "alibi", "none")
-NORMS = ("layernorm", "rmsnorm", "batchnorm")
-PLACEMENTS = ("pre", "post")
-PRECISIONS = ("fp32", "fp16", "bf16")
-PARALLELS = ("single", "ddp", "fsdp")
-QUANTIZE = ("none", "dynamic_int8", "weight_int8", "weight_int4", "qat_int8")
-OBJECTIVES = ("auto", "clm", "mlm", "span", "contrastive")
-SOURCES = ("stdlib", "text", "hub", "pairs")
-TOKENIZERS = ("byte", "bpe", "pretrained")
-POOLINGS = ("mean", "cls")
-OPTIMIZERS = ("adamw",)
-SCHEDULES = ("cosine", "constant")
-ACTIVATIONS = ("gelu", "relu", "swiglu")
-# objective=auto picks the objective each architecture is trained with by default.
-AUTO_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span"}
-OBJECTIVE_ARCHS = {"clm": ("decoder",), "mlm": ("encoder",), "span": ("encoder_decoder",),
-                   "contrastive": ("encoder",)}
-
-
-class ConfigError(ValueError):
-    """Bad user input: the message is one sentence naming the key and what is valid."""
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "decoder"
-    d_model: int = 192
-    num_layers: int = 4
-    num_heads: int = 6
-    num_kv_heads: Optional[int] = None  # None: same as num_heads (plain multi-head)
-    d_ff: int = 768
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    num_decoder_layers: Optional[int] = None  # encoder_decoder only; None: num_layers
-    activation: str = "gelu"
-    tie_embeddings: bool = True
-    init_from: Optional[str] = None  # a run dir (or weights file) whose matching weights start this run
-
-
-@dataclass
-class AttentionConfig:
-    kind: str = "flash"
-    block_size: int = 128  # attention=tiled: query/key block length
-
-
-@dataclass
-class PositionConfig:
-    kind: str = "sinusoidal"
-    num_buckets: int = 32  # position=relative
-    max_distance: int = 128  # position=relative
-    rope_base: float = 10000.0  # position=rope
-
-
-@dataclass
-class NormConfig:
-    kind: str = "layernorm"
-    placement: str = "pre"
-    eps: float = 1e-5
-
-
-@dataclass
-class ObjectiveConfig:
-    kind: str = "auto"
-    mask_prob: float = 0.15  # mlm: fraction of tokens predicted
-    noise_density: float = 0.15  # span: fraction of tokens corrupted
-    mean_span: float = 3.0  # span: mean corrupted span length
-    temperature: float = 0.05  # contrastive: InfoNCE temperature (the starting value if learned)
-    learn_temperature: bool = False  # contrastive: learn log(1/temperature) (CLIP) instead of fixing it
-    pooling: str = "mean"  # contrastive: mean | cls (the first token's vector) -> the embedding
-
-
-@dataclass
-class DataConfig:
-    source: str = "stdlib"
-    seq_len: int = 128
-    files: List[str] = field(default_factory=list)  # data=text
-    name: Optional[str] = None  # data=hub: a Hugging Face dataset name
-    subset: Optional[str] = None  # data=hub: its configuration name
-    split: str = "train"  # data=hub
-    text_field: str = "text"
-    # None: text files are taken byte for byte (the byte tokenizer sees exactly the file) and
-    # .jsonl must be UTF-8; a codec name (e.g. latin-1) decodes every file with it first.
-    encoding: Optional[str] = None
-    val_fraction: float = 0.05
-    max_files: Optional[int] = None  # data=stdlib: use only the first N files (small runs)
-    val_files: List[str] = field(default_factory=list)  # held-out split from these files (else by val_fraction)
-    streaming: bool = False  # read data=text|hub through `datasets` streaming (no copy)
-    num_proc: int = 1  # processes that tokenize while the token store is built
-    query_field: str = "query"  # data=pairs (.jsonl): the query text field
-    document_field: str = "document"  # data=pairs (.jsonl): the document text field
-    corpus_files: List[str] = field(default_factory=list)  # data=pairs: extra documents to search (.jsonl/.txt)
-    cache_dir: str = "${oc.env:TRAINER_CACHE,${oc.env:HOME}/.cache/trainer}"
-
-
-@dataclass
-class TokenizerConfig:
-    kind: str = "byte"  # byte | bpe (trained on the training split) | pretrained (tokenizer.path)
-    vocab_size: int = 8192  # bpe: target vocabulary size, specials included
-    path: Optional[str] = None  # pretrained: a tokenizer.json, or a folder holding one
-
-
-@dataclass
-class PrecisionConfig:
-    dtype: str = "fp32"
-    init_scale: float = 65536.0  # fp16: GradScaler's starting loss scale
-
-
-@dataclass
-class ParallelConfig:
-    kind: str = "single"
-    timeout_s: int = 300  # collective timeout, so a dead rank cannot hang the others forever
-
-
-@dataclass
-class QuantizeConfig:
-    method: str = "none"
-    group_size: int = 32  # weight_int4: weights per scale
-    eval_batches: Optional[int] = None  # quality sample in batches; None: trainer.eval_batches (eval/loss's)
-    latency_batches: int = 5  # forward passes timed per variant
-    compile: str = "both"  # latency rows: false (eager) | true (torch.compile) | both
-    context_budget_mb: float = 256.0  # contrastive runs: longest document per attention kernel within this
-    max_context: Optional[int] = None  # ... trying lengths up to this (None: 16 x data.seq_len)
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "cosine"
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
-
-
-@dataclass
-class TrainerConfig:
-    batch_size: int = 16  # global: split across ranks and grad_accum micro-batches
-    max_steps: int = 300
-    grad_accum: int = 1
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | never | <path to a checkpoint file or directory>
-    steps_per_run: Optional[int] = None  # stop (checkpointed) after this many steps in one invocation
-    grad_clip: float = 1.0
-    compile: bool = False
-    device: str = "auto"
-    threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
-    progress: bool = True
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    position: PositionConfig = field(default_factory=PositionConfig)
-    norm: NormConfig = field(default_factory=NormConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    seed: int = 0
-
-
-def register_configs() -> None:
-    """Register the root schema so `conf/config.yaml` can extend it."""
-    ConfigStore.instance().store(name="base_config", node=Config)
+from models.blocks import ACTIVATIONS, PLACEMENTS
+from models.build import ARCHS
+from models.norm import NORMS
+from models.ops.attention import KERNELS as ATTENTIONS
+from models.ops.linear import requested_backend
+from models.position import POSITIONS
+from trainer.config.schema import Config
+from trainer.data.sources import SOURCES, check_files
+from trainer.data.tokenizer import TOKENIZERS, tokenizer_file
+from trainer.distributed import DEVICES
+from trainer.errors import ConfigError
+from trainer.objectives import OBJECTIVE_ARCHS, OBJECTIVES, resolve_objective, span_lengths
+from trainer.optim import OPTIMIZERS, SCHEDULES
+from trainer.precision import PRECISIONS
+from trainer.quantize import QUANTIZE
+from trainer.retrieval.embedding import POOLINGS
+from trainer.transforms.parallel import PARALLELS
 
 
 def _choice(value: str, valid: tuple, key: str) -> None:
@@ -212,11 +46,6 @@ def _fraction(value: float, key: str, lo_open: bool = True) -> None:
         raise ConfigError(f"{key}={value} is out of range; it must be in {'(' if lo_open else '['}0, 1).")
 
 
-def resolve_objective(model_arch: str, objective: str) -> str:
-    """The objective a run trains with (`auto` picks the architecture's default)."""
-    return AUTO_OBJECTIVE[model_arch] if objective == "auto" else objective
-
-
 def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = False) -> None:
     """Check what types cannot: choices, ranges and combinations. Raises ConfigError."""
     m, t = cfg.model, cfg.trainer
@@ -228,7 +57,7 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
         (cfg.precision.dtype, PRECISIONS, "precision"), (cfg.parallel.kind, PARALLELS, "parallel"),
         (cfg.quantize.method, QUANTIZE, "quantize"), (cfg.optim.name, OPTIMIZERS, "optim"),
         (cfg.schedule.name, SCHEDULES, "schedule"), (m.activation, ACTIVATIONS, "model.activation"),
-        (t.device, ("auto", "cpu", "cuda"), "trainer.device"),
+        (t.device, DEVICES, "trainer.device"),
     ]:
         _choice(value, valid, key)
     for key in ("d_model", "num_layers", "num_heads", "d_ff"):
@@ -264,8 +93,6 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
     if cfg.data.seq_len < 8:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is out of range; it must be >= 8.")
     if objective == "span":
-        from trainer.objectives import span_lengths
-
         src_len, tgt_len = span_lengths(cfg.data.seq_len, cfg.objective.noise_density, cfg.objective.mean_span)
         if cfg.position.kind == "learned" and max(src_len, tgt_len) > cfg.data.seq_len:
             raise ConfigError(
@@ -284,8 +111,6 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
         raise ConfigError("data=hub needs data.name=<a Hugging Face dataset name>.")
     _validate_tokens(cfg)
     _validate_trainer(cfg, world_size, launched)
-    from models.linear import requested_backend
-
     try:
         requested_backend()
     except ValueError as e:
@@ -302,8 +127,6 @@ def _validate_tokens(cfg: DictConfig | Config) -> None:
     if tok.kind == "pretrained":
         if not tok.path:
             raise ConfigError("tokenizer=pretrained needs tokenizer.path=<a tokenizer.json or a folder holding one>.")
-        from trainer.data.tokenizer import tokenizer_file
-
         tokenizer_file(tok.path)
     _positive(data.num_proc, "data.num_proc")
     if data.val_files:
@@ -314,8 +137,6 @@ def _validate_tokens(cfg: DictConfig | Config) -> None:
                 if not os.path.isfile(os.path.expanduser(f)):
                     raise ConfigError(f"data.val_files: no such file {f!r}.")
         else:
-            from trainer.data.sources import check_files
-
             check_files(data.val_files, "data.val_files")
     if data.streaming and data.source not in ("text", "hub"):
         raise ConfigError(f"data.streaming=true reads data=text|hub through datasets' streaming mode; "
@@ -328,8 +149,6 @@ def _validate_tokens(cfg: DictConfig | Config) -> None:
 
 def _validate_retrieval(cfg: DictConfig | Config, objective: str) -> None:
     """Contrastive/retrieval settings: pooling, pairs data, learned temperature, init_from."""
-    import os
-
     _choice(cfg.objective.pooling, POOLINGS, "objective.pooling")
     if cfg.data.source == "pairs" and objective != "contrastive":
         raise ConfigError(f"data=pairs holds (query, document) pairs for objective=contrastive, not "
@@ -362,8 +181,6 @@ def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool)
     if t.threads is not None:
         _positive(t.threads, "trainer.threads")
     if t.resume not in ("auto", "never"):
-        import os
-
         if not os.path.exists(os.path.expanduser(t.resume)):
             raise ConfigError(f"trainer.resume={t.resume!r}: no such checkpoint file or run dir "
                               f"(use auto, never, or a path).")
@@ -384,6 +201,3 @@ def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool)
         raise ConfigError("quantize=qat_int8 cannot be combined with parallel=fsdp; use parallel=ddp.")
 
 
-def to_container(cfg: DictConfig) -> dict:
-    """Plain resolved dict of the config (for logs and summaries)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

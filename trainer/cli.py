@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 
 def _parse(key: str, text: str, kind: type) -> Any:

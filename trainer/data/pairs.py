@@ -1,6 +1,6 @@
 """Retrieval pairs as token tensors: what `data=pairs` trains and evaluates on.
 
-`trainer.pairs.build_pairs` gives the (query, document) texts, held out by file; this module
+`trainer.data.code_pairs.build_pairs` gives the (query, document) texts, held out by file; this module
 tokenizes them once into padded rows and keeps the held-out search set (held-out documents plus
 `data.corpus_files`' extra documents) for retrieval evaluation.
 """
@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.config import ConfigError, DataConfig
+from trainer.errors import ConfigError
+from trainer.config.schema import DataConfig
+from trainer.data.tokenizer import ByteTokenizer, load_pretrained
+from trainer.data.code_pairs import build_pairs
 
 
 @dataclass
@@ -40,8 +43,6 @@ def pair_tokenizer(cfg, say=print):
     """The tokenizer `data=pairs` encodes with: the byte tokenizer, or `tokenizer=pretrained`'s file
     (e.g. the tokenizer.json of the MLM run an encoder starts from). `validate` refuses
     `tokenizer=bpe` here, which trains on a language-model corpus."""
-    from trainer.data.tokenizer import ByteTokenizer, load_pretrained
-
     return ByteTokenizer() if cfg.kind == "byte" else load_pretrained(cfg.path, say=say)
 
 
@@ -69,8 +70,6 @@ def load_pair_corpus(cfg: DataConfig, seed: int, tokenizer) -> PairCorpus:
     Raises:
         ConfigError: no pairs, or no held-out pair (bad files are named by `build_pairs`).
     """
-    from trainer.pairs import build_pairs
-
     pairs = build_pairs(cfg, seed)
     if not pairs.train.queries or not pairs.val.queries:
         raise ConfigError(f"data=pairs: {len(pairs.train.queries)} training and {len(pairs.val.queries)} held-out "

@@ -11,6 +11,8 @@ from typing import Iterator
 
 import torch
 
+EVAL_SEED = 1234  # the held-out masks' generator seed (fixed: comparable across steps, jobs and reports)
+
 
 def eval_indices(num_blocks: int, batch_size: int, num_batches: int) -> torch.Tensor:
     """Indices (int64, sorted, distinct) of the validation blocks evaluated.

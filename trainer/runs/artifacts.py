@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import Config, ConfigError
+from trainer.config.schema import Config
+from trainer.errors import ConfigError
+from trainer.runs.model import model_with_weights
 from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer_json, model_vocab_size
 
 WEIGHTS = "model.safetensors"
@@ -48,7 +50,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
 
 
 def _newest_checkpoint(run_dir: str) -> str | None:
-    from trainer.checkpoint import list_checkpoints
+    from trainer.runs.checkpoints import list_checkpoints
 
     found = list_checkpoints(os.path.join(run_dir, "checkpoints"))
     return found[-1] if found else None
@@ -60,7 +62,7 @@ def read_run(run_dir: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
     Raises:
         ConfigError: no such directory, no weights, or no config in it (one sentence).
     """
-    from trainer.checkpoint import safe_load
+    from trainer.runs.checkpoints import safe_load
 
     if not os.path.isdir(run_dir):
         raise ConfigError(f"run_dir={run_dir} is not a directory; pass the run dir of a finished training run "
@@ -90,33 +92,6 @@ def read_run(run_dir: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
         raise ConfigError(f"the config of run_dir={run_dir} does not fit this trainer's schema "
                           f"({str(e).splitlines()[0]}).") from e
     return weights, cfg  # type: ignore[return-value]
-
-
-def build_run_model(cfg: DictConfig, weights: dict[str, torch.Tensor], where: str = "",
-                    vocab_size: int | None = None) -> nn.Module:
-    """An unquantized model for root config `cfg` holding `weights`, in eval mode (global RNG untouched).
-
-    `vocab_size`: the embedding rows (None: the byte vocabulary, or the rows of `embed.weight`).
-    """
-    from models.build import build_model
-    from trainer.data import VOCAB_SIZE
-
-    if vocab_size is None:
-        embed = weights.get("embed.weight")
-        vocab_size = int(embed.shape[0]) if embed is not None else VOCAB_SIZE
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=vocab_size,
-                            max_len=cfg.data.seq_len)
-    try:
-        if "logit_scale" in weights:  # a contrastive run's learned temperature (it scales the loss)
-            from trainer.contrastive import apply_learned_temperature
-
-            apply_learned_temperature(model, cfg.objective.temperature)
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ConfigError(f"the weights{' in ' + where if where else ''} do not fit the run's model "
-                          f"({str(e).splitlines()[0][:160]}).") from e
-    return model.eval()
 
 
 def load_tokenizer(run_dir: str, cfg: DictConfig) -> ByteTokenizer | HFTokenizer:
@@ -150,5 +125,5 @@ def load_model(run_dir: str, device: str | torch.device = "cpu"
     run_dir = os.path.abspath(os.path.expanduser(str(run_dir)))
     weights, cfg = read_run(run_dir)
     tokenizer = load_tokenizer(run_dir, cfg)
-    model = build_run_model(cfg, weights, run_dir, vocab_size=model_vocab_size(tokenizer))
+    model = model_with_weights(cfg, weights, run_dir, vocab_size=model_vocab_size(tokenizer))
     return model.to(device), tokenizer, cfg

@@ -6,7 +6,7 @@ the document is the definition's source (decorators included, dedented) with its
 every nested docstring cut out, so no query can be found verbatim in any document. A docstring that
 is a body's only statement becomes `...`, which keeps the document valid Python.
 
-Pairs are held out by file with `trainer.heldout.held_out_documents` over `stdlib_files(max_files)`,
+Pairs are held out by file with `trainer.data.heldout.held_out_documents` over `stdlib_files(max_files)`,
 the same call the LM corpus makes, so a file held out from one is held out from the other.
 Built pairs are cached as JSON under `<data.cache_dir>/pairs/<key>/pairs.json`.
 """
@@ -24,8 +24,10 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
-from trainer.config import ConfigError, DataConfig
-from trainer.heldout import held_out_documents
+from trainer.errors import ConfigError
+from trainer.config.schema import DataConfig
+from trainer.data.heldout import held_out_documents
+from trainer.data.sources import stdlib_files
 
 _FORMAT_VERSION = 1  # bump when extraction, filtering or the cache layout changes
 MIN_QUERY_CHARS = 20  # shorter docstrings ("Return x.") describe too little to retrieve by
@@ -177,8 +179,6 @@ def _pair_set(rows: list[tuple[str, str, str]]) -> PairSet:
 
 
 def _stdlib_split(cfg: DataConfig, seed: int) -> tuple[PairSet, PairSet]:
-    from trainer.data import stdlib_files
-
     files = stdlib_files(cfg.max_files)
     _, val_idx = held_out_documents(len(files), cfg.val_fraction, seed)
     held = set(val_idx)
@@ -274,8 +274,6 @@ def _paths(files) -> list[str]:
 
 
 def _cache_key(cfg: DataConfig, seed: int) -> str:
-    from trainer.data import stdlib_files
-
     user = _paths(cfg.files) + _paths(cfg.val_files) + _paths(cfg.corpus_files)
     files = user + ([] if cfg.files else stdlib_files(cfg.max_files))
     ident = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]

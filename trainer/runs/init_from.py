@@ -6,7 +6,7 @@ import os
 import torch
 import torch.nn as nn
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 OPTIONAL = {"logit_scale"}  # a parameter the source may lack (a contrastive run's learned temperature)
 
@@ -14,7 +14,7 @@ OPTIONAL = {"logit_scale"}  # a parameter the source may lack (a contrastive run
 def _read(source: str) -> dict[str, torch.Tensor]:
     path = os.path.abspath(os.path.expanduser(source))
     if os.path.isdir(path):
-        from trainer.load import read_run
+        from trainer.runs.artifacts import read_run
 
         return read_run(path)[0]
     if os.path.isfile(path) and path.endswith(".safetensors"):
@@ -25,7 +25,7 @@ def _read(source: str) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ConfigError(f"model.init_from={source}: the weights file could not be read ({type(e).__name__}).") from e
     if os.path.isfile(path):
-        from trainer.checkpoint import safe_load
+        from trainer.runs.checkpoints import safe_load
 
         weights = safe_load(path, what="weights file")
         return weights.get("model", weights)

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from omegaconf import OmegaConf
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.distributed import Dist, unwrap
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -180,3 +181,14 @@ def restore(payload: dict, path: str, *, model: nn.Module, optimizer: torch.opti
                           f"{d.world_size}; resume with the same world size.")
     set_rng_state(rngs[d.rank], gen)
     return payload["train_state"]
+
+
+def structure(cfg) -> dict:
+    """What a checkpoint's tensors depend on (checked on resume, for a one-sentence mismatch error)."""
+    out = {f"model.{k}": v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+           if k not in ("dropout", "attn_dropout")}
+    out.update({"position": cfg.position.kind, "norm": cfg.norm.kind, "norm.placement": cfg.norm.placement,
+                "quantize": cfg.quantize.method if cfg.quantize.method == "qat_int8" else "none"})
+    if cfg.position.kind == "learned":
+        out["data.seq_len"] = cfg.data.seq_len
+    return out

@@ -1,0 +1,1 @@
+"""Configuration: `schema` (typed dataclasses) and `validate` (cross-field checks)."""
