@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.norm import RMSNorm
 from models.ops.attention import attention
 from models.ops.linear import Linear
 from models.position import Position
@@ -50,21 +51,38 @@ class AttnCache:
 class MultiHeadAttention(nn.Module):
     """Multi-head (optionally grouped-query) self- or cross-attention.
 
-    Self-attention uses one fused QKV projection (one GEMM instead of three); cross-attention
-    projects queries from `x` and a fused KV from the encoder memory.
+    Self-attention uses one fused QKV projection (one GEMM instead of three; its rows are the
+    query, key and value projections in that order); cross-attention projects queries from `x`
+    and a fused KV from the encoder memory.
+
+    `head_dim` (None: d_model // num_heads) may differ from d_model / num_heads (Qwen3, T5).
+    `qkv_bias` adds biases to the q/k/v projections (Qwen2), `out_bias` to the output projection
+    (with both: BERT, GPT-2). `qk_norm` RMS-normalizes each head's queries and keys over its
+    head_dim before the rotary embedding (Qwen3; Dehghani et al. 2023, "Scaling Vision
+    Transformers to 22B Parameters"), with `norm_eps`; the cache holds the normalized keys.
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, kernel: str,
-                 block_size: int, attn_dropout: float, cross: bool = False):
+                 block_size: int, attn_dropout: float, cross: bool = False, *, head_dim: int | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5):
         super().__init__()
-        self.h, self.hkv, self.dh = num_heads, num_kv_heads, d_model // num_heads
+        self.h, self.hkv, self.dh = num_heads, num_kv_heads, head_dim or d_model // num_heads
         self.kernel, self.block_size, self.attn_dropout, self.cross = kernel, block_size, attn_dropout, cross
         if cross:
-            self.q = Linear(d_model, self.h * self.dh, bias=False)
-            self.kv = Linear(d_model, 2 * self.hkv * self.dh, bias=False)
+            self.q = Linear(d_model, self.h * self.dh, bias=qkv_bias)
+            self.kv = Linear(d_model, 2 * self.hkv * self.dh, bias=qkv_bias)
         else:
-            self.qkv = Linear(d_model, (self.h + 2 * self.hkv) * self.dh, bias=False)
-        self.out = Linear(self.h * self.dh, d_model, bias=False)
+            self.qkv = Linear(d_model, (self.h + 2 * self.hkv) * self.dh, bias=qkv_bias)
+        self.out = Linear(self.h * self.dh, d_model, bias=out_bias)
+        self.q_norm = RMSNorm(self.dh, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.dh, norm_eps) if qk_norm else None
+
+    def _norm_qk(self, q: torch.Tensor | None, k: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """RMS-normalize (B, H, T, Dh) queries / (B, Hkv, T, Dh) keys per head when qk_norm is on."""
+        if self.q_norm is None:
+            return q, k
+        return (None if q is None else self.q_norm(q)), (None if k is None else self.k_norm(k))
 
     def forward(self, x: torch.Tensor, position: Position, *, causal: bool,
                 key_padding_mask: torch.Tensor | None = None, rel_bias: torch.Tensor | None = None,
@@ -80,19 +98,21 @@ class MultiHeadAttention(nn.Module):
         if memory is None:
             qkv = self.qkv(x).view(B, T, self.h + 2 * self.hkv, self.dh).transpose(1, 2)  # (B, H+2Hkv, T, Dh)
             q, k, v = qkv.split([self.h, self.hkv, self.hkv], dim=1)
+            q, k = self._norm_qk(q, k)
             if cache is None:
                 q, k = position.rotate(q, k)
             else:
                 q, k = position.rotate(q, k, offset=cache.length)  # absolute positions of the new tokens
                 k, v = cache.append(k, v)  # (B, Hkv, cached + T, Dh)
         else:
-            q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+            q = self._norm_qk(self.q(x).view(B, T, self.h, self.dh).transpose(1, 2), None)[0]  # (B, H, T, Dh)
             if cache is not None and cache.static:
                 k, v = cache.k, cache.v
             else:
                 S = memory.shape[1]
                 kv = self.kv(memory).view(B, S, 2 * self.hkv, self.dh).transpose(1, 2)  # (B, 2Hkv, S, Dh)
                 k, v = kv.split([self.hkv, self.hkv], dim=1)
+                k = self._norm_qk(None, k)[1]
                 if cache is not None:
                     cache.k, cache.v, cache.length, cache.static = k, v, S, True
         y = attention(q, k, v, kernel=self.kernel, causal=causal, rel_bias=rel_bias,
@@ -101,18 +121,20 @@ class MultiHeadAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, self.h * self.dh))  # (B, T, D)
 
 
-ACTIVATIONS = ("gelu", "relu", "swiglu")  # model.activation
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")  # model.activation
 PLACEMENTS = ("pre", "post")  # norm.placement
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: GELU/ReLU, or SwiGLU (one fused up-projection for gate and value)."""
+    """Position-wise MLP: GELU (exact erf, or `gelu_tanh`: the tanh approximation of GPT-2's
+    `gelu_new`), ReLU, or SwiGLU (Shazeer 2020): one fused up-projection whose first d_ff rows are
+    the gate and the last d_ff the value, down(silu(gate) * value). `bias` adds biases to both."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str):
+    def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False):
         super().__init__()
         self.activation = activation
-        self.up = Linear(d_model, (2 if activation == "swiglu" else 1) * d_ff, bias=False)
-        self.down = Linear(d_ff, d_model, bias=False)
+        self.up = Linear(d_model, (2 if activation == "swiglu" else 1) * d_ff, bias=bias)
+        self.down = Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
@@ -121,6 +143,8 @@ class FeedForward(nn.Module):
             h = F.silu(gate) * value
         elif self.activation == "relu":
             h = F.relu(h)
+        elif self.activation == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         else:
             h = F.gelu(h)  # exact erf GELU: about 2x faster than the tanh form on CPU (fwd+bwd)
         return self.down(h)

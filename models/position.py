@@ -105,14 +105,18 @@ class SinusoidalPosition(Position):
 
 
 class LearnedPosition(Position):
-    """Trainable absolute positions; refuses sequences longer than ``max_len``."""
+    """Trainable absolute positions; refuses sequences longer than ``max_len``.
+
+    ``offset`` rows at the table's start are skipped: position ``p`` reads row ``offset + p``
+    (RoBERTa's tables start at ``padding_idx + 1``), so the table has ``max_len + offset`` rows.
+    """
 
     kind = "learned"
 
-    def __init__(self, d_model: int, max_len: int) -> None:
+    def __init__(self, d_model: int, max_len: int, offset: int = 0) -> None:
         super().__init__()
-        self.max_len = max_len
-        self.emb = nn.Embedding(max_len, d_model)
+        self.max_len, self.offset = max_len, offset
+        self.emb = nn.Embedding(max_len + offset, d_model)
         # Unit-variance default init would swamp small token embeddings.
         nn.init.normal_(self.emb.weight, std=0.02)
 
@@ -124,7 +128,8 @@ class LearnedPosition(Position):
                 f"{offset + t}; use position=rope, alibi or relative to run on longer sequences, "
                 f"or raise data.seq_len"
             )
-        return x + self.emb.weight[offset : offset + t].to(x.dtype)  # (T, D) broadcasts over B
+        start = self.offset + offset
+        return x + self.emb.weight[start : start + t].to(x.dtype)  # (T, D) broadcasts over B
 
 
 def relative_position_bucket(
@@ -267,11 +272,13 @@ def build_position(
     max_distance: int = 128,
     rope_base: float = 10000.0,
     sinusoidal_scale: float = 1.0,
+    offset: int = 0,
 ) -> Position:
     """Build the positional scheme named ``kind`` (one of ``POSITIONS``).
 
     ``sinusoidal_scale`` multiplies the sinusoidal table (whose entries are sines and cosines of
-    RMS 1/sqrt(2)), so positions can be put on the token embedding's scale.
+    RMS 1/sqrt(2)), so positions can be put on the token embedding's scale. ``offset``: leading
+    rows of a learned table that no position reads (RoBERTa's ``padding_idx + 1``).
 
     Raises:
         ValueError: Unknown ``kind``, or an odd ``head_dim`` for rope.
@@ -279,7 +286,7 @@ def build_position(
     if kind == "sinusoidal":
         return SinusoidalPosition(d_model, max_len, sinusoidal_scale)
     if kind == "learned":
-        return LearnedPosition(d_model, max_len)
+        return LearnedPosition(d_model, max_len, offset)
     if kind == "relative":
         return RelativePosition(d_model, num_heads, causal, num_buckets, max_distance)
     if kind == "rope":

@@ -21,14 +21,25 @@ class KVCache:
 
 
 class Stack(nn.Module):
-    """A sequence of blocks sharing one position scheme, with a final norm under pre-norm."""
+    """A sequence of blocks sharing one position scheme, with a final norm under pre-norm.
+
+    `embed_norm` (BERT's embedding LayerNorm) normalizes the embeddings after the positions are
+    added, before dropout and the first block; None: none.
+    """
 
     def __init__(self, blocks: list[Block], position: Position, final_norm: nn.Module | None,
-                 causal: bool, dropout: float):
+                 causal: bool, dropout: float, embed_norm: nn.Module | None = None):
         super().__init__()
         self.blocks, self.position, self.final_norm = nn.ModuleList(blocks), position, final_norm
+        self.embed_norm = embed_norm
         self.causal = causal
         self.drop = nn.Dropout(dropout)
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+        x = self.position.embed(x, offset=offset)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x, mask)
+        return self.drop(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -37,7 +48,7 @@ class Stack(nn.Module):
         T = x.shape[1]
         if cache is None or cache.length == 0:
             causal = self.causal
-            x = self.drop(self.position.embed(x))
+            x = self._embed(x, mask)
             rel_bias = self.position.rel_bias(T, T)  # (H, 2T-1) or None: shared by every layer
         else:
             # The new query sees every cached key, so no causal mask is needed (nor would the
@@ -45,7 +56,7 @@ class Stack(nn.Module):
             assert T == 1, "after the first call, a cache takes one position per call"
             causal, offset = False, cache.length
             tk = offset + T
-            x = self.drop(self.position.embed(x, offset=offset))
+            x = self._embed(x, mask, offset=offset)
             rel_bias = self.position.rel_bias(tk, tk)  # offsets -(tk-1)..tk-1 between equal-length spans
             if rel_bias is not None:
                 # Queries at offset..tk-1, keys at 0..tk-1: the kernel's entry m = j - i + T - 1 is
@@ -61,30 +72,52 @@ class Stack(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token embedding + stack(s) + LM head tied to the embedding."""
+    """Token embedding + stack(s) + LM head tied to the embedding (or its own, untied).
+
+    `vocab_size` is the embedding's row count (the tokenizer's vocabulary rounded up to a multiple
+    of 64 for aligned GEMMs); `num_tokens` (None: all rows) is how many of them are real tokens:
+    the head gives the rows beyond it a logit of -inf, so no loss, sampling or argmax can put any
+    probability on a padding row. `token_types` > 0 adds a token-type embedding table (BERT's
+    segment embeddings) whose row 0 is added to every token (one segment). `head_scale`
+    multiplies the hidden states entering the head (`post_norm_head_scale`; 1.0 = none).
+    """
 
     def __init__(self, arch: str, vocab_size: int, d_model: int, encoder: Stack | None,
-                 decoder: Stack | None, tie_embeddings: bool = True, head_scale: float = 1.0):
+                 decoder: Stack | None, tie_embeddings: bool = True, head_scale: float = 1.0,
+                 num_tokens: int | None = None, token_types: int = 0):
         super().__init__()
         self.arch, self.vocab_size, self.d_model = arch, vocab_size, d_model
         self.embed = nn.Embedding(vocab_size, d_model)
+        self.embed_types = nn.Embedding(token_types, d_model) if token_types > 0 else None
         self.encoder, self.decoder = encoder, decoder
         self.head = None if tie_embeddings else Linear(d_model, vocab_size, bias=False)
-        # Multiplies the hidden states entering the head (`post_norm_head_scale`); 1.0 = none.
         self.head_scale = head_scale
+        self.num_tokens = vocab_size if num_tokens is None else num_tokens
+        if not 0 < self.num_tokens <= vocab_size:
+            raise ValueError(f"num_tokens={num_tokens} must be in 1..vocab_size={vocab_size}")
+        # 0 on real rows, -inf on padding rows: added by the head's GEMM (no extra pass over the
+        # logits). Not saved: a function of the shapes.
+        bias = torch.zeros(vocab_size)
+        bias[self.num_tokens:] = float("-inf")
+        self.register_buffer("head_bias", bias if self.num_tokens < vocab_size else None, persistent=False)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         # GPT-2 / nanoGPT: the embedding enters unscaled. (Scaling it by sqrt(d) as Vaswani et al.
         # do makes the residual stream the input token's own vector at init, and the tied head then
         # predicts the input token with a logit of ~sqrt(d): a step-1 loss of ~11 nats, not ln V.)
-        return self.embed(tokens)  # (B, T, D)
+        x = self.embed(tokens)  # (B, T, D)
+        if self.embed_types is not None:
+            x = x + self.embed_types.weight[0]  # token type 0 everywhere: one segment
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) hidden states -> (..., vocab) logits."""
+        """(..., D) hidden states -> (..., vocab) logits; rows from `num_tokens` on are -inf."""
         weight = self.embed.weight if self.head is None else self.head.weight
         if self.head_scale != 1.0:
             hidden = hidden * self.head_scale  # (..., D): cheaper than scaling (..., V) logits
-        return linear(hidden, weight)
+        if self.head_bias is None:
+            return linear(hidden, weight)
+        return linear(hidden, weight, self.head_bias.to(weight.dtype))
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for `decode` (decoder and encoder_decoder)."""
@@ -169,6 +202,8 @@ def init_weights(model: Transformer) -> None:
     `models.build`).
     """
     nn.init.normal_(model.embed.weight, std=EMBED_STD)
+    if model.embed_types is not None:
+        nn.init.normal_(model.embed_types.weight, std=EMBED_STD)  # BERT's init for its segment table
     depth = {}
     for stack in (model.encoder, model.decoder):
         if stack is not None:

@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/bench_attention.py [--device cpu|cuda] [--lengths 256 1024 4096 8192]
-        [--dtypes fp32 bf16] [--out-dir docs/] [--tiled-blocks 64 128 256] [--no-causal]
+        [--dtypes fp32 bf16] [--out-dir docs/benchmarks] [--tiled-blocks 64 128 256] [--no-causal]
     python scripts/bench_attention.py --lengths 256 512 1024 --batch 8 --heads 6 --threads 2 \
         --kernels flash flash-sdpa   # where flash's CPU matmul-softmax path beats SDPA's kernel
 
@@ -28,8 +28,9 @@ intermediate, excludes the inputs and the upstream gradient):
 A combination whose estimated memory exceeds ``--max-mem-mib`` is reported as
 "skipped" (the standard kernel holds several (B, H, T, T) fp32 buffers).
 
-Outputs: a markdown table on stdout and in <out-dir>/bench_attention_<device>.md,
-and a plot of time and memory against T in <out-dir>/bench_attention_<device>.png.
+Outputs: a markdown table on stdout and in <out-dir>/attention_<hardware>_<date>.md (the
+command and the machine above it; scripts/_report.py), and a plot of time and memory against T
+beside it, <out-dir>/attention_<hardware>_<date>.png.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 
+import _report  # noqa: E402
 import models.ops.attention as attention_mod  # noqa: E402
 from models.ops.attention import KERNELS, attention  # noqa: E402
 
@@ -88,7 +90,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice); 1 is steadier "
                         "on a shared CPU")
-    p.add_argument("--out-dir", type=Path, default=Path("docs"))
+    p.add_argument("--out-dir", type=Path, default=_report.RESULTS_DIR,
+                   help="where the dated result file and its plot go (default: docs/benchmarks)")
     return p.parse_args()
 
 
@@ -269,11 +272,10 @@ def main() -> None:
     table = to_markdown(results, header)
     print()
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"bench_attention_{args.device}.md").write_text(table)
-    plot(results, args.out_dir / f"bench_attention_{args.device}.png",
-         f"attention kernels ({args.device})")
-    print(f"wrote {args.out_dir}/bench_attention_{args.device}.{{md,png}}")
+    path = _report.write_result("attention", table, device=args.device, out_dir=args.out_dir)
+    plot(results, path.with_suffix(".png"), f"attention kernels ({_report.hardware_name(args.device)})")
+    with path.open("a") as f:  # the plot beside the table, named like it
+        f.write(f"\n![fwd+bwd time and peak memory against T]({path.with_suffix('.png').name})\n")
 
 
 if __name__ == "__main__":

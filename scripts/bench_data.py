@@ -12,6 +12,7 @@ its own, and the run's `setup_time_s`: data + model + probe), and tokenization t
 corpus (bpe with the tokenizer already trained, passed as tokenizer=pretrained).
 
 Goal: peak RSS of the 400 MB run within 10% (+50 MB) of the 20 MB run's; cached start < 2 s.
+The tables go to stdout and to docs/benchmarks/data_<hardware>_<date>.md (scripts/_report.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_common import ROOT, cpu_model_and_flags, load_average  # noqa: E402
+from _report import Markdown, write_result  # noqa: E402
 
 MB = 1 << 20
 RUN = ["model.d_model=192", "trainer.max_steps=20", "trainer.eval_every=20", "trainer.eval_batches=2",
@@ -146,14 +148,18 @@ def main() -> None:
                          "cached_load_corpus_s": load["seconds"], "cached_setup_time_s": second["setup_time_s"],
                          "train_blocks": load["train_blocks"], "tokens": load["tokens"]})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| corpus | tokenizer | tokens | peak RSS, building run (MB) | peak RSS, cached run (MB) | "
-          "cached load_corpus (s) | cached setup_time_s |\n|---|---|---|---|---|---|---|")
+    md = Markdown()
+    md(f"Each row: `python -m trainer data=text {' '.join(RUN)}` on synthetic 1 MB .txt files of stdlib "
+       f"source, run twice on a fresh cache (the first builds the token store, the second opens it); "
+       f"peak RSS is the whole process's (ru_maxrss).")
+    md("\n| corpus | tokenizer | tokens | peak RSS, building run (MB) | peak RSS, cached run (MB) | "
+       "cached load_corpus (s) | cached setup_time_s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size_mb']} MB | {r['tokenizer']} | {r['tokens'] / 1e6:.1f} M | {r['build_run_rss_mb']:.0f} | "
-              f"{r['cached_run_rss_mb']:.0f} | {r['cached_load_corpus_s']:.2f} | {r['cached_setup_time_s']:.2f} |")
+        md(f"| {r['size_mb']} MB | {r['tokenizer']} | {r['tokens'] / 1e6:.1f} M | {r['build_run_rss_mb']:.0f} | "
+           f"{r['cached_run_rss_mb']:.0f} | {r['cached_load_corpus_s']:.2f} | {r['cached_setup_time_s']:.2f} |")
     small = min(args.sizes)
     files = make_corpus(os.path.join(args.workdir, f"corpus_{small}MB"), small)
-    print(f"\ntokenization throughput on the {small} MB corpus (read + tokenize + pack + write):")
+    md(f"\nTokenization throughput on the {small} MB corpus (read + tokenize + pack + write):\n")
     for tok in args.tokenizers:
         for num_proc in (1, 2):
             kind, path = ("pretrained", bpe_json) if tok == "bpe" else (tok, None)
@@ -161,7 +167,8 @@ def main() -> None:
                 continue
             cache = os.path.join(args.workdir, f"tp_{tok}_{num_proc}_{os.getpid()}")
             r = timed_load(files, cache, kind, path, num_proc)
-            print(f"  {tok:<5} data.num_proc={num_proc}: {small / r['seconds']:.1f} MB/s ({r['seconds']:.1f} s)")
+            md(f"- {tok} data.num_proc={num_proc}: {small / r['seconds']:.1f} MB/s ({r['seconds']:.1f} s)")
+    write_result("data", md.text())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ with random weights (the weights do not change the cost).
 
     python scripts/bench_generate.py --threads 2                          # 64/256/1024, fp32 and bf16
     python scripts/bench_generate.py --run-dir outputs/<date>/<time> --lengths 64 256 --precisions fp32
+
+The table goes to stdout, row by row, and to docs/benchmarks/generate_<hardware>_<date>.md
+(scripts/_report.py).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from trainer.generate import generate  # noqa: E402
+
+from _report import Markdown, write_result  # noqa: E402
 
 
 def build(run_dir: str | None, overrides: list[str]) -> tuple[torch.nn.Module, str]:
@@ -64,10 +69,11 @@ def main() -> None:
     if getattr(model.decoder.position, "max_len", None):
         raise SystemExit("position=learned cannot generate past its table; benchmark another position scheme.")
     prompt = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
-    print(f"model: {desc}; torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
-          f"16-token prompt, greedy\n")
-    print("| new tokens | precision | no cache tok/s | KV cache tok/s | speed-up |")
-    print("|---:|---|---:|---:|---:|")
+    md = Markdown()
+    md(f"model: {desc}; torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
+       f"16-token prompt, greedy, best of {args.repeats}\n")
+    md("| new tokens | precision | no cache tok/s | KV cache tok/s | speed-up |")
+    md("|---:|---|---:|---:|---:|")
     for precision in args.precisions:
         generate(model, prompt, 8, precision=precision, eos_id=None)  # warm-up
         generate(model, prompt, 8, precision=precision, eos_id=None, kv_cache=False)
@@ -85,10 +91,11 @@ def main() -> None:
                 assert out.shape[1] == n
                 rate[cache] = n / best
             if rate[False] == rate[False]:
-                print(f"| {n} | {precision} | {rate[False]:,.1f} | {rate[True]:,.1f} | "
-                      f"{rate[True] / rate[False]:.1f}x |", flush=True)
+                md(f"| {n} | {precision} | {rate[False]:,.1f} | {rate[True]:,.1f} | "
+                   f"{rate[True] / rate[False]:.1f}x |")
             else:
-                print(f"| {n} | {precision} | (skipped) | {rate[True]:,.1f} | |", flush=True)
+                md(f"| {n} | {precision} | (skipped) | {rate[True]:,.1f} | |")
+    write_result("generate", md.text())
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ The peers are optional: `pip install -e .[bench]`; a missing one is skipped with
 
 The machine line above the table names the CPU, its GEMM-relevant flags (AVX2, AVX512, VNNI,
 AVX512-BF16, AMX) and the measured GEMM peaks used for MFU; --profile adds, per model, where one
-step's time goes (GEMMs, attention, norms, casts, optimizer, elementwise).
+step's time goes (GEMMs, attention, norms, casts, optimizer, elementwise). The tables go to
+stdout and to docs/benchmarks/peers_<hardware>_<date>.md (scripts/_report.py).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -49,6 +51,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import _bench_common as bc  # noqa: E402
+from _report import Markdown, write_result  # noqa: E402
 
 PRESET = "experiment=bench_ref"
 VOCAB = 256
@@ -182,7 +185,7 @@ def paired_ratios(ours: list[float], peer: list[float]) -> dict[str, float]:
     return {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
 
 
-def print_breakdown(cases: dict, device: torch.device) -> None:
+def print_breakdown(cases: dict, device: torch.device, out: Callable[[str], None] = print) -> None:
     """One profiled step per case: milliseconds (and share) per `_bench_common.TIME_CATEGORIES`."""
     cols = {}
     for label, fn in cases.items():
@@ -192,8 +195,8 @@ def print_breakdown(cases: dict, device: torch.device) -> None:
     rows = [[cat] + [f"{1e3 * c[cat]:.0f} ({100 * c[cat] / max(sum(c.values()), 1e-12):.0f}%)" for c in cols.values()]
             for cat in cats]
     rows.append(["total (profiled step)"] + [f"{1e3 * sum(c.values()):.0f}" for c in cols.values()])
-    print("\nWhere one profiled step's time goes (torch.profiler self time, ms and share):\n")
-    print(bc.markdown_table(["category", *cols], rows))
+    out("\nWhere one profiled step's time goes (torch.profiler self time, ms and share):\n")
+    out(bc.markdown_table(["category", *cols], rows))
 
 
 def main(argv=None) -> None:
@@ -284,31 +287,33 @@ def main(argv=None) -> None:
                      "-" if paired is None else f"{paired['median']:.2f} ({paired['q1']:.2f}-{paired['q3']:.2f})",
                      f"{100 * tps * fpt / peaks[info['precision']]:.1f}%" if peaks else "-"]
                     + ([f"{100 * tps * fpt / peaks['fp32']:.1f}%" if peaks else "-"] if lowp_cols else []))
-    print(f"\n### One training step, ours vs peers: {PRESET} {' '.join(args.overrides)}".rstrip())
-    print(f"\n{bc.environment(device)}")
-    print(f"{m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, d_ff {m.d_ff}, seq_len "
-          f"{cfg.data.seq_len}, batch {cfg.trainer.batch_size}, vocab {VOCAB}, attention={cfg.attention.kind}"
-          f"{', torch.compile' if args.compile else ''}; threads {threads}; {args.warmup} warm-up + "
-          f"{args.steps} timed steps, interleaved ({load_before} before timing, "
-          f"{bc.load_average().split(' on ')[0]} after); AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay} "
-          f"betas {list(cfg.optim.betas)}, clip {cfg.trainer.grad_clip}\n")
-    print(bc.markdown_table(["model", "precision", "params", "AdamW", "s/step (median)", "IQR s", "CPU s/step",
-                             "tokens/s",
-                             "ours/peer (q1-q3)", "MFU"] + (["MFU vs fp32 peak"] if lowp_cols else []), rows))
-    print(f"\nours/peer: this row's s/step divided by ours at the same precision in the same round (= our "
-          f"tokens/s over its; >1: ours is faster), median and quartiles over the {args.steps} rounds (pairing "
-          f"by round cancels load that changes between rounds). "
-          f"MFU: tokens/s x {fpt / 1e6:.1f} MFLOP/token (trainer.flops, same formula for every model) / peak"
-          + ("; peaks: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items())
-             + (" (best of 3 fresh probes)" if args.fresh_peak else " (cached probe; --fresh-peak re-probes)")
-             if peaks else "")
-          + ".")
+    md = Markdown()
+    md(f"\n### One training step, ours vs peers: {PRESET} {' '.join(args.overrides)}".rstrip())
+    md(f"\n{bc.environment(device)}")
+    md(f"{m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, d_ff {m.d_ff}, seq_len "
+       f"{cfg.data.seq_len}, batch {cfg.trainer.batch_size}, vocab {VOCAB}, attention={cfg.attention.kind}"
+       f"{', torch.compile' if args.compile else ''}; threads {threads}; {args.warmup} warm-up + "
+       f"{args.steps} timed steps, interleaved ({load_before} before timing, "
+       f"{bc.load_average().split(' on ')[0]} after); AdamW lr {cfg.optim.lr} wd {cfg.optim.weight_decay} "
+       f"betas {list(cfg.optim.betas)}, clip {cfg.trainer.grad_clip}\n")
+    md(bc.markdown_table(["model", "precision", "params", "AdamW", "s/step (median)", "IQR s", "CPU s/step",
+                          "tokens/s",
+                          "ours/peer (q1-q3)", "MFU"] + (["MFU vs fp32 peak"] if lowp_cols else []), rows))
+    md(f"\nours/peer: this row's s/step divided by ours at the same precision in the same round (= our "
+       f"tokens/s over its; >1: ours is faster), median and quartiles over the {args.steps} rounds (pairing "
+       f"by round cancels load that changes between rounds). "
+       f"MFU: tokens/s x {fpt / 1e6:.1f} MFLOP/token (trainer.flops, same formula for every model) / peak"
+       + ("; peaks: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items())
+          + (" (best of 3 fresh probes)" if args.fresh_peak else " (cached probe; --fresh-peak re-probes)")
+          if peaks else "")
+       + ".")
     if args.profile:
-        print_breakdown(cases, device)
+        print_breakdown(cases, device, md)
     if device.type == "cpu" and any(pr != "fp32" for pr in args.precisions) and not bc.cpu_has_fast_bf16():
-        print("Note: this CPU has no native bf16/fp16 GEMM in oneDNN (needs AVX512-BF16/AMX/AVX-NE-CONVERT); "
-              "low-precision matmuls run on a generic fallback kernel, and the bf16 peak probe measures that "
-              "kernel at its 2048^3 shape.")
+        md("Note: this CPU has no native bf16/fp16 GEMM in oneDNN (needs AVX512-BF16/AMX/AVX-NE-CONVERT); "
+           "low-precision matmuls run on a generic fallback kernel, and the bf16 peak probe measures that "
+           "kernel at its 2048^3 shape.")
+    write_result("peers", md.text(), device=device)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ Variants (--variants; each runs at every --precisions value):
                     copy in the optimizer: no per-step weight casts under autocast
     KEY=VALUE[,..]  any Hydra overrides, e.g. attention=standard or trainer.threads=1
                     (trainer.threads is applied around each of that variant's steps)
+
+The tables go to stdout and to docs/benchmarks/precision_<hardware>_<date>.md (scripts/_report.py).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import _bench_common as bc  # noqa: E402
+from _report import Markdown, write_result  # noqa: E402
 
 PRESET = "experiment=bench_ref"
 
@@ -249,28 +252,29 @@ def main(argv=None) -> None:
     if args.mfu:
         headers.append("MFU")
     c = cfg0
-    print(f"\n### One training step (trainer.loop.train_step): {PRESET} {' '.join(args.overrides)}".rstrip())
-    print(f"\n{bc.environment(device)}")
-    print(f"model: {c.model.arch}, {c.model.num_layers} layers, d_model {c.model.d_model}, {c.model.num_heads} heads, "
-          f"d_ff {c.model.d_ff}, attention={c.attention.kind}, seq_len {c.data.seq_len}, batch {c.trainer.batch_size}, "
-          f"{next(iter(infos.values()))['params'] / 1e6:.2f}M params; threads {threads}; "
-          f"{args.warmup} warm-up + {args.steps} timed steps, interleaved; {load_before} before timing, "
-          f"{bc.load_average().split(' on ')[0]} after\n")
-    print(bc.markdown_table(headers, rows))
-    print("\nspeed vs fp32 / vs base: ratio of median step times (>1 = faster than the reference row). "
-          "CPU s/step: median process CPU time (all threads) per step; compare with s/step to see "
-          "time lost to other processes. "
-          "step extra MiB: peak allocator memory of one step above what was held at its start "
-          "(activations, gradients, temporaries). held MiB: weights + buffers + optimizer state between steps.")
+    md = Markdown()
+    md(f"\n### One training step (trainer.loop.train_step): {PRESET} {' '.join(args.overrides)}".rstrip())
+    md(f"\n{bc.environment(device)}")
+    md(f"model: {c.model.arch}, {c.model.num_layers} layers, d_model {c.model.d_model}, {c.model.num_heads} heads, "
+       f"d_ff {c.model.d_ff}, attention={c.attention.kind}, seq_len {c.data.seq_len}, batch {c.trainer.batch_size}, "
+       f"{next(iter(infos.values()))['params'] / 1e6:.2f}M params; threads {threads}; "
+       f"{args.warmup} warm-up + {args.steps} timed steps, interleaved; {load_before} before timing, "
+       f"{bc.load_average().split(' on ')[0]} after\n")
+    md(bc.markdown_table(headers, rows))
+    md("\nspeed vs fp32 / vs base: ratio of median step times (>1 = faster than the reference row). "
+       "CPU s/step: median process CPU time (all threads) per step; compare with s/step to see "
+       "time lost to other processes. "
+       "step extra MiB: peak allocator memory of one step above what was held at its start "
+       "(activations, gradients, temporaries). held MiB: weights + buffers + optimizer state between steps.")
     if args.mfu:
-        print("MFU peaks (trainer.flops.peak_flops): "
-              + ", ".join(f"{p} at {n} thread(s) {v / 1e9:,.1f} GFLOP/s" for (p, n), v in sorted(peaks.items()))
-              + (" (best of 3 fresh probes)" if args.fresh_peak else
-                 " (the cached probe: on a shared machine it keeps the load of the moment it first ran; "
-                 "--fresh-peak re-probes)"))
+        md("MFU peaks (trainer.flops.peak_flops): "
+           + ", ".join(f"{p} at {n} thread(s) {v / 1e9:,.1f} GFLOP/s" for (p, n), v in sorted(peaks.items()))
+           + (" (best of 3 fresh probes)" if args.fresh_peak else
+              " (the cached probe: on a shared machine it keeps the load of the moment it first ran; "
+              "--fresh-peak re-probes)"))
     if device.type == "cpu" and any(l.split()[0] != "fp32" for l in cases) and not bc.cpu_has_fast_bf16():
-        print("\nNote: this CPU has no native bf16/fp16 GEMM in oneDNN (needs AVX512-BF16/AMX/AVX-NE-CONVERT); "
-              "low-precision matmuls run on a generic fallback kernel.")
+        md("\nNote: this CPU has no native bf16/fp16 GEMM in oneDNN (needs AVX512-BF16/AMX/AVX-NE-CONVERT); "
+           "low-precision matmuls run on a generic fallback kernel.")
 
     if args.profile:
         from trainer.flops import forward_flops_per_token
@@ -284,9 +288,10 @@ def main(argv=None) -> None:
                 num_kv_heads=m.num_kv_heads or m.num_heads, d_ff=m.d_ff, seq_len=0, vocab_size=VOCAB_SIZE,
                 swiglu=m.activation == "swiglu") if m.arch == "decoder" else 0.0
             table, self_s = bc.profile_ops(fn, device)
-            print(f"\n#### Profile: {label} (one step, top ops by self time)\n")
-            print(bc.gemm_summary(self_s, gemm_flops, peaks.get((label.split()[0], info["threads"]))) + "\n")
-            print("```\n" + table + "```")
+            md(f"\n#### Profile: {label} (one step, top ops by self time)\n")
+            md(bc.gemm_summary(self_s, gemm_flops, peaks.get((label.split()[0], info["threads"]))) + "\n")
+            md("```\n" + table + "```")
+    write_result("precision", md.text(), device=device)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ The peers are optional (`pip install -e .[bench]`); a missing one is skipped wit
     python scripts/bench_quality.py --preset tiny --steps 500 --overrides position=sinusoidal
     python scripts/bench_quality.py --preset tiny --seeds 0 --out s0.json   # one seed per process,
     python scripts/bench_quality.py --merge s0.json s1.json s2.json        # then one table
+
+The table goes to stdout and to docs/benchmarks/quality_<hardware>_<date>.md (scripts/_report.py);
+a run with --out is one part of a merged table, so it writes only its JSON, and --merge writes the
+result file with every part's command.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import _bench_common as bc  # noqa: E402
+from _report import invocation, write_result  # noqa: E402
 
 VOCAB = 384  # trainer.data.VOCAB_SIZE: bytes + special ids
 MODELS = ("ours", "hf-gpt2", "x-transformers")
@@ -292,7 +297,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     if args.merge:
-        print(report(merge([json.loads(Path(f).read_text()) for f in args.merge])))
+        res = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        text = report(res)
+        print(text)
+        write_result("quality", text, command=res["command"] + "\n" + invocation())
         return
     preset = PRESETS[args.preset]
     args.steps = args.steps or preset["steps"]
@@ -300,9 +308,12 @@ def main(argv=None) -> None:
     bc.setup_threads(args.threads)
     cfg = bc.compose_cfg(["position=learned", *preset["overrides"], *args.overrides, "trainer.device=cpu"])
     res = train(args, cfg)
-    if args.out:
+    text = report(res)
+    print(text)
+    if args.out:  # one part of a table that --merge writes
         Path(args.out).write_text(json.dumps(res, indent=1))
-    print(report(res))
+    else:
+        write_result("quality", text, command=res["command"])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ model.pt, same sizes), then measures in one process, on the same validation batc
 run's quantize.md has: fp32, bf16 weights, and every method (dynamic_int8, weight_int8,
 weight_int4, qat_int8 converted from the same weights), each eager and under torch.compile.
 With random weights the quality columns only show how far the outputs move, not a real loss.
+The table goes to stdout and to docs/benchmarks/quantize_<hardware>_<date>.md (scripts/_report.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any cwd
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from _report import write_result  # noqa: E402
 from trainer.config.schema import register_configs  # noqa: E402
 from trainer.data import load_corpus  # noqa: E402
 from trainer.objectives import CausalLM  # noqa: E402
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> str:
     print(table)
     if args.out:
         Path(args.out).write_text(table)
+    write_result("quantize", table, device=device)
     return table
 
 

@@ -14,6 +14,7 @@ documents per second (same batch size and threads, the variants interleaved, med
 Beside them: the BM25 baseline on the same text, and the longest document each attention kernel
 (standard, flash, tiled) embeds within `--budget-mb` of extra memory, measured by running it.
 The last lines put the numbers next to the published figures the table is meant to check.
+The tables go to stdout and to docs/benchmarks/retrieval_<hardware>_<date>.md (scripts/_report.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _bench_common as bc  # noqa: E402
+from _report import write_result  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     bc.log(f"held-out search: {len(retrieval.queries)} queries x {len(retrieval.documents)} documents, "
            f"seq_len {cfg.data.seq_len}, batch {batch}")
     rows = compare_retrieval(variants, retrieval, obj.pad_id, obj.pooling, batch, device, repeats=args.repeats)
-    bm25 = bm25_baseline(retrieval.query_texts, retrieval.document_texts, retrieval.positives)
+    bm25 = bm25_baseline(retrieval.query_texts, retrieval.document_texts, retrieval.positives,
+                         query_groups=retrieval.query_groups)
     long = longest_documents(cfg, args.budget_mb, cfg.data.seq_len, args.max_length, device)
     out = [f"Encoder {args.run_dir}: {cfg.model.d_model} x {cfg.model.num_layers} layers, position "
            f"{cfg.position.kind}, pooling {cfg.objective.pooling}; {bc.environment(device)}; {threads} threads.",
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    write_result("retrieval", text, device=device)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ import torch
 
 from trainer.errors import ConfigError
 
-SPEC = {"run_dir": (str, None), "input": (str, None), "output": (str, None), "field": (str, "text"),
-        "precision": (str, "fp32"), "quantize": (str, "none"), "batch_size": (int, 64), "device": (str, "auto"),
-        "progress": (bool, True)}
+TOOL = "embed"  # conf/tools/embed.yaml: every key, its default and its help line
 INPUTS, OUTPUTS = (".txt", ".jsonl"), (".npy", ".parquet")
 
 
@@ -62,37 +60,21 @@ def read_texts(path: str, field: str) -> list[bytes]:
 
 
 def load_encoder(run_dir: str, device: torch.device, quantize: str = "none"):
-    """(model in eval mode, tokenizer, config) of an encoder run, quantized with `quantize` if asked.
+    """(model in eval mode, tokenizer, config) of an encoder run, quantized with `quantize` if asked
+    (the run's `model_<method>.pt` from the quantization report when it exists).
 
     Raises:
         ConfigError: not a run, not an encoder, or a quantization that cannot be applied.
     """
+    from trainer.cli import apply_quantization
     from trainer.runs.artifacts import load_model
 
     model, tokenizer, cfg = load_model(run_dir, device)
     if cfg.model.arch != "encoder":
         raise ConfigError(f"run_dir={run_dir} holds a model={cfg.model.arch} run; trainer.embed needs a "
                           f"model=encoder run (trained with objective=contrastive, or mlm).")
-    if quantize == "none":
-        return model, tokenizer, cfg
-    from trainer.quantize import QUANTIZE
-
-    if quantize not in QUANTIZE or quantize == "qat_int8":
-        raise ConfigError(f"quantize={quantize} is not valid here; choose one of: none, dynamic_int8, weight_int8, "
-                          f"weight_int4.")
     saved = os.path.join(run_dir, f"model_{quantize}.pt")
-    try:
-        if os.path.isfile(saved):
-            from trainer.quantize import load_quantized
-
-            return load_quantized(saved, cfg, quantize).to(device).eval(), tokenizer, cfg
-        from trainer.quantize import apply_ptq
-
-        return apply_ptq(model.cpu(), quantize, cfg.quantize.group_size).to(device).eval(), tokenizer, cfg
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure is one sentence
-        raise ConfigError(f"quantize={quantize} could not be applied: {str(e).splitlines()[0]}") from e
+    return apply_quantization(model, cfg, quantize, device, saved=saved), tokenizer, cfg
 
 
 @torch.no_grad()
@@ -143,41 +125,42 @@ def write_vectors(path: str, vectors: np.ndarray, texts: list[bytes]) -> None:
 
 
 def run_embed(argv: list[str]) -> dict:
-    """Parse, load, embed, write; returns {output, rows, dim, precision, quantize}."""
-    from trainer.cli import parse_args
+    """Compose `conf/tools/embed.yaml` with `argv`, load, embed, write; returns {output, rows, dim,
+    precision, quantize}. Raises ConfigError on bad input, before anything is written."""
+    from trainer.cli import compose_tool
+    from trainer.distributed import resolve_device
 
-    a, _ = parse_args(argv, SPEC, "python -m trainer.embed")
+    a, _ = compose_tool(TOOL, argv)
     for key in ("run_dir", "input", "output"):
         if not a[key]:
             raise ConfigError(f"{key}=... is required: python -m trainer.embed run_dir=<run> input=<file.txt|.jsonl> "
                               f"output=<file.npy|.parquet>.")
-    if os.path.splitext(a["output"])[1].lower() not in OUTPUTS:
-        raise ConfigError(f"output={a['output']} must end in {' or '.join(OUTPUTS)}.")
-    if a["precision"] not in ("fp32", "bf16"):
-        raise ConfigError(f"precision={a['precision']} is not valid; choose fp32 or bf16.")
-    if a["device"] not in ("auto", "cpu", "cuda") or (a["device"] == "cuda" and not torch.cuda.is_available()):
-        raise ConfigError(f"device={a['device']} is not available; use auto, cpu or cuda (with a GPU).")
-    if a["batch_size"] < 1:
-        raise ConfigError(f"batch_size={a['batch_size']} is out of range; it must be >= 1.")
-    run_dir = os.path.abspath(os.path.expanduser(a["run_dir"]))
-    texts = read_texts(os.path.expanduser(a["input"]), a["field"])
-    device = torch.device("cuda" if a["device"] != "cpu" and torch.cuda.is_available() else "cpu")
-    model, tokenizer, cfg = load_encoder(run_dir, device, a["quantize"])
-    vectors = embed_texts(model, tokenizer, texts, cfg.data.seq_len, cfg.objective.pooling, a["batch_size"], device,
-                          a["precision"], progress=a["progress"])
-    out = os.path.abspath(os.path.expanduser(a["output"]))
+    if os.path.splitext(a.output)[1].lower() not in OUTPUTS:
+        raise ConfigError(f"output={a.output} must end in {' or '.join(OUTPUTS)}.")
+    if a.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={a.precision} is not valid; choose fp32 or bf16.")
+    if a.batch_size < 1:
+        raise ConfigError(f"batch_size={a.batch_size} is out of range; it must be >= 1.")
+    device = resolve_device(a.device)
+    run_dir = os.path.abspath(os.path.expanduser(a.run_dir))
+    texts = read_texts(os.path.expanduser(a.input), a.field)
+    model, tokenizer, cfg = load_encoder(run_dir, device, a.quantize)
+    vectors = embed_texts(model, tokenizer, texts, cfg.data.seq_len, cfg.objective.pooling, a.batch_size, device,
+                          a.precision, progress=a.progress)
+    out = os.path.abspath(os.path.expanduser(a.output))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     write_vectors(out, vectors, texts)
     print(f"{len(texts)} vectors of dimension {vectors.shape[1]} written to {out}", file=sys.stderr)
-    return {"output": out, "rows": len(texts), "dim": int(vectors.shape[1]), "precision": a["precision"],
-            "quantize": a["quantize"]}
+    return {"output": out, "rows": len(texts), "dim": int(vectors.shape[1]), "precision": a.precision,
+            "quantize": a.quantize}
 
 
 def main(argv: list[str]) -> int:
-    """The command line; returns the exit status (2 on bad input, with one `error:` sentence)."""
+    """The command line; returns the exit status (2 on bad input, with one `error:` sentence;
+    `--help` prints every key)."""
     from trainer.cli import run_tool
 
-    return run_tool(run_embed, argv)
+    return run_tool(TOOL, run_embed, argv)
 
 
 if __name__ == "__main__":

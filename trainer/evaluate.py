@@ -2,7 +2,8 @@
 
 The numbers come from `trainer.evaluation`, the loop's own evaluation (same held-out sample,
 same fixed-seed masks, same precision), so on the run's own data they equal its final
-`eval/loss`. Printed, and written to `<run_dir>/eval_<name>.json`.
+`eval/loss`. Printed, and written to `output=<path.json>` (default `<run_dir>/eval_<name>.json`).
+Every key, its default and its help: `conf/tools/evaluate.yaml`, or `python -m trainer.evaluate --help`.
 
     python -m trainer.evaluate run_dir=outputs/<date>/<time>                  # the run's held-out split
     python -m trainer.evaluate run_dir=... data=text 'data.files=[notes.md]'   # other data (split=all)
@@ -19,48 +20,31 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.errors import ConfigError
-from trainer.config.schema import CONF_DIR, DataConfig
+from trainer.config.schema import DataConfig
 from trainer.evaluation import EvalContext, evaluate_all
 from trainer.evaluation.heldout import HeldOutLoss
 from trainer.evaluation.retrieval import RetrievalSearch
 from trainer.objectives import build_objective, resolve_objective
 
-SPEC = {"run_dir": (str, None), "name": (str, None), "split": (str, None), "batch_size": (int, None),
-        "eval_batches": (int, None), "precision": (str, None), "device": (str, "auto"), "quantize": (str, "none")}
+TOOL = "evaluate"  # conf/tools/evaluate.yaml: every key, its default and its help line
 
 
-def apply_data_overrides(run_cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The run's `data` config with `data=<option>` (a conf/data group) and `data.key=value`
-    overrides applied; `data.seq_len` stays the run's unless overridden."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    data = run_cfg.data
+def data_config(run_cfg: DictConfig, tool_cfg: DictConfig, given: frozenset[str]) -> DictConfig:
+    """The data to evaluate on: the run's `data`, or the `data=<option>` group the tool composed
+    (with the run's `data.seq_len`, the model's block length), with the `data.<key>=` overrides."""
+    if "data" not in tool_cfg:
+        return run_cfg.data
+    overrides = tool_cfg.data
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        if "data" in given:  # a conf/data option replaces the run's data; the block length stays the model's
+            data = OmegaConf.merge(OmegaConf.structured(DataConfig), overrides)
+            if "data.seq_len" not in given:
+                data.seq_len = run_cfg.data.seq_len
+            return data
+        return OmegaConf.merge(run_cfg.data, overrides)
     except Exception as e:
-        raise ConfigError(f"bad data override in {' '.join(overrides)}: {str(e).splitlines()[0]}") from e
-    for o in parsed:
-        key, value = o.key_or_group, o.value()
-        if key == "data":
-            path = os.path.join(CONF_DIR, "data", f"{value}.yaml")
-            if not os.path.isfile(path):
-                options = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "data")) if f.endswith(".yaml"))
-                raise ConfigError(f"data={value} is not a data option; choose one of: {', '.join(options)}.")
-            seq_len = data.seq_len
-            data = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path))
-            data.seq_len = seq_len  # the model's block length
-    for o in parsed:
-        key, value = o.key_or_group, o.value()
-        if key != "data":
-            sub = key.removeprefix("data.")
-            if sub not in DataConfig.__dataclass_fields__:
-                raise ConfigError(f"{key} is not a data key; valid: "
-                                  f"{', '.join('data.' + k for k in DataConfig.__dataclass_fields__)}.")
-            try:
-                OmegaConf.update(data, sub, value, merge=False)
-            except Exception as e:
-                raise ConfigError(f"{key}={value} is not valid: {str(e).splitlines()[0]}") from e
-    return data
+        key = next((f"data.{k}" for k in overrides if f"data.{k}" in given), "data")
+        raise ConfigError(f"{key}={OmegaConf.select(tool_cfg, key)} is not valid: {str(e).splitlines()[0]}") from e
 
 
 def evaluate_run(model: torch.nn.Module, cfg: DictConfig, blocks, device: torch.device,
@@ -77,9 +61,9 @@ def evaluate_run(model: torch.nn.Module, cfg: DictConfig, blocks, device: torch.
     return metrics
 
 
-def _name(a: dict, data: DictConfig, changed: bool) -> str:
-    if a["name"]:
-        return a["name"]
+def _name(name: str | None, data: DictConfig, changed: bool) -> str:
+    if name:
+        return name
     name = data.source
     if changed and data.source == "text" and data.files:
         name += "_" + os.path.splitext(os.path.basename(str(data.files[0])))[0]
@@ -88,36 +72,44 @@ def _name(a: dict, data: DictConfig, changed: bool) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def run_evaluate(argv: list[str]) -> dict:
-    """Parse, load, evaluate, print and write `eval_<name>.json`; returns the report."""
-    from trainer.cli import parse_args
-    from trainer.data import StoreBlocks, load_corpus
+def _load(a) -> tuple[torch.nn.Module, object, DictConfig, torch.device]:
+    """The run's model (its QAT forward if trained so; quantized if asked), tokenizer, config, device."""
+    from trainer.cli import apply_quantization
+    from trainer.distributed import resolve_device
     from trainer.runs.artifacts import load_model
 
-    a, raw = parse_args(argv, SPEC, "python -m trainer.evaluate", passthrough=("data",))
-    if not a["run_dir"]:
-        raise ConfigError("run_dir=... is required: the directory of a finished training run.")
-    if a["split"] not in (None, "val", "train", "all"):
-        raise ConfigError(f"split={a['split']} is not valid; choose val, train or all.")
-    if a["device"] not in ("auto", "cpu", "cuda") or (a["device"] == "cuda" and not torch.cuda.is_available()):
-        raise ConfigError(f"device={a['device']} is not available; use auto, cpu or cuda (with a GPU).")
-    if a["precision"] not in (None, "fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision={a['precision']} is not valid; choose fp32, bf16 or fp16.")
-    device = torch.device("cuda" if a["device"] != "cpu" and torch.cuda.is_available() else "cpu")
-    model, tok, cfg = load_model(a["run_dir"], device)
+    device = resolve_device(a.device)
+    model, tok, cfg = load_model(a.run_dir, device)
     if cfg.quantize.method == "qat_int8":  # the run evaluated its fake-quantized forward
         from trainer.quantize import apply_qat
 
         model = apply_qat(model, cfg.quantize)
-    if a["quantize"] != "none":
-        from trainer.quantize import apply_ptq
+    return apply_quantization(model, cfg, a.quantize, device), tok, cfg, device
 
-        try:
-            model = apply_ptq(model.cpu(), a["quantize"], cfg.quantize.group_size).to(device).eval()
-        except Exception as e:  # noqa: BLE001 - any failure is one sentence
-            raise ConfigError(f"quantize={a['quantize']} could not be applied: {str(e).splitlines()[0]}") from e
-    data = apply_data_overrides(cfg, raw) if raw else cfg.data
-    split = a["split"] or ("all" if raw and data.source != "pairs" else "val")
+
+def run_evaluate(argv: list[str]) -> dict:
+    """Compose `conf/tools/evaluate.yaml` with `argv`, load, evaluate, print, and write the metrics
+    JSON (`output=`, else `<run_dir>/eval_<name>.json`); returns the report.
+
+    Raises:
+        ConfigError: bad input (a key, value, run dir or data), before anything is written.
+    """
+    from trainer.cli import compose_tool
+    from trainer.data import StoreBlocks, load_corpus
+
+    a, given = compose_tool(TOOL, argv)
+    changed = "data" in a
+    if not a.run_dir:
+        raise ConfigError("run_dir=... is required: the directory of a finished training run.")
+    if a.split not in (None, "val", "train", "all"):
+        raise ConfigError(f"split={a.split} is not valid; choose val, train or all.")
+    if a.precision not in (None, "fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision={a.precision} is not valid; choose fp32, bf16 or fp16.")
+    if a.output is not None and not a.output.endswith(".json"):
+        raise ConfigError(f"output={a.output} must end in .json (the metrics are written as JSON).")
+    model, tok, cfg, device = _load(a)
+    data = data_config(cfg, a, given)
+    split = a.split or ("all" if changed and data.source != "pairs" else "val")
     retrieval = None
     if data.source == "pairs":  # retrieval pairs: the held-out queries searched against the held-out documents
         from trainer.data.pairs import load_pair_corpus
@@ -136,14 +128,17 @@ def run_evaluate(argv: list[str]) -> dict:
         raise ConfigError(f"the {split} split of that data holds no block of {data.seq_len + 1} tokens; "
                           f"use split=all or more data.")
     trainer_cfg = OmegaConf.merge(cfg.trainer, {k: a[k] for k in ("batch_size", "eval_batches") if a[k]})
-    precision = a["precision"] or cfg.precision.dtype
+    precision = a.precision or cfg.precision.dtype
     metrics = evaluate_run(model, cfg, blocks, device, precision, trainer_cfg, tok, retrieval)
-    name = _name(a, data, bool(raw))
-    report = {**metrics, "run_dir": os.path.abspath(a["run_dir"]), "split": split, "precision": precision,
-              "quantize": a["quantize"], "data": OmegaConf.to_container(data, resolve=True)}
-    path = os.path.join(os.path.abspath(a["run_dir"]), f"eval_{name}.json")
-    with open(path, "w") as f:
+    run_dir = os.path.abspath(os.path.expanduser(a.run_dir))
+    report = {**metrics, "run_dir": run_dir, "split": split, "precision": precision,
+              "quantize": a.quantize, "data": OmegaConf.to_container(data, resolve=True)}
+    path = os.path.abspath(os.path.expanduser(a.output)) if a.output else \
+        os.path.join(run_dir, f"eval_{_name(a.name, data, changed)}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
     for k, v in metrics.items():
         print(f"{k:<20} {v:.6g}" if isinstance(v, float) else f"{k:<20} {v}")
     print(f"written to {path}", file=sys.stderr)
@@ -151,10 +146,11 @@ def run_evaluate(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """The command line; returns the exit status (2 on bad input, with one `error:` sentence)."""
+    """The command line; returns the exit status (2 on bad input, with one `error:` sentence;
+    `--help` prints every key)."""
     from trainer.cli import run_tool
 
-    return run_tool(run_evaluate, argv)
+    return run_tool(TOOL, run_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -72,12 +72,13 @@ def _probe(device: torch.device, dtype: torch.dtype, max_n: int, budget_s: float
 _PROBED: dict[str, float] = {}  # keys probed in this process
 
 
-def peak_flops(device: torch.device, precision: str) -> float:
+def peak_flops(device: torch.device, precision: str, cache_dir: str | None = None) -> float:
     """Peak matmul FLOP/s of this device at `precision`, measured by a GEMM probe.
 
     The best figure ever measured per machine, device, instruction set (ATen's CPU capability,
     which ATEN_CPU_CAPABILITY can lower), thread count and torch version is kept
-    in `$TRAINER_CACHE/peak_flops.json`; each process probes once more (about a second) and
+    in `<cache_dir>/peak_flops.json` (default `$TRAINER_CACHE`, else ~/.cache/trainer: a run passes
+    its `data.cache_dir`); each process probes once more (about a second) and
     keeps the max, so one probe taken while the machine was busy does not stick.
     """
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
@@ -85,7 +86,8 @@ def peak_flops(device: torch.device, precision: str) -> float:
     key = f"{os.uname().nodename}|{name}|{precision}|torch{torch.__version__}"
     if key in _PROBED:
         return _PROBED[key]
-    path = os.path.join(os.path.expanduser(os.environ.get("TRAINER_CACHE", "~/.cache/trainer")), "peak_flops.json")
+    folder = cache_dir or os.environ.get("TRAINER_CACHE", "~/.cache/trainer")
+    path = os.path.join(os.path.expanduser(folder), "peak_flops.json")
     cache = {}
     if os.path.exists(path):
         try:

@@ -102,54 +102,42 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, tem
     return torch.stack(new, dim=1) if new else seq.new_zeros(seq.shape[0], 0)
 
 
-SPEC = {"run_dir": (str, None), "prompt": (str, None), "prompt_file": (str, None), "max_new_tokens": (int, 200),
-        "temperature": (float, 0.8), "top_k": (int, 50), "top_p": (float, 1.0), "seed": (int, 0),
-        "num_samples": (int, 1), "kv_cache": (bool, True), "quantize": (str, "none"), "precision": (str, None),
-        "device": (str, "cpu"), "progress": (bool, True)}
+TOOL = "generate"  # conf/tools/generate.yaml: every key, its default and its help line
 
 
-def _check(a: dict) -> None:
-    if not a["run_dir"]:
+def _check(a) -> None:
+    if not a.run_dir:
         raise ConfigError("run_dir=... is required: the directory of a finished training run.")
-    for key, ok, valid in (("max_new_tokens", a["max_new_tokens"] >= 0, ">= 0"),
-                           ("temperature", a["temperature"] >= 0, ">= 0 (0 is greedy)"),
-                           ("top_k", a["top_k"] >= 0, ">= 0 (0 keeps every token)"),
-                           ("top_p", 0 < a["top_p"] <= 1, "in (0, 1] (1 keeps every token)"),
-                           ("num_samples", a["num_samples"] >= 1, ">= 1"),
-                           ("device", a["device"] in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-                           ("precision", a["precision"] in (None, "fp32", "bf16", "fp16"), "fp32, bf16 or fp16")):
+    for key, ok, valid in (("max_new_tokens", a.max_new_tokens >= 0, ">= 0"),
+                           ("temperature", a.temperature >= 0, ">= 0 (0 is greedy)"),
+                           ("top_k", a.top_k >= 0, ">= 0 (0 keeps every token)"),
+                           ("top_p", 0 < a.top_p <= 1, "in (0, 1] (1 keeps every token)"),
+                           ("num_samples", a.num_samples >= 1, ">= 1"),
+                           ("precision", a.precision in (None, "fp32", "bf16", "fp16"), "fp32, bf16 or fp16")):
         if not ok:
             raise ConfigError(f"{key}={a[key]} is not valid; it must be {valid}.")
-    if a["prompt"] is not None and a["prompt_file"] is not None:
+    if a.prompt is not None and a.prompt_file is not None:
         raise ConfigError("give prompt=... or prompt_file=..., not both.")
-    if a["prompt_file"] is not None and not os.path.isfile(a["prompt_file"]):
-        raise ConfigError(f"prompt_file={a['prompt_file']}: no such file.")
+    if a.prompt_file is not None and not os.path.isfile(a.prompt_file):
+        raise ConfigError(f"prompt_file={a.prompt_file}: no such file.")
 
 
-def _prepare(a: dict):
+def _prepare(a):
     """Load the run (and quantize it) and encode the prompt; returns what `main` samples with."""
+    from trainer.cli import apply_quantization
+    from trainer.distributed import resolve_device
     from trainer.runs.artifacts import load_model
 
     _check(a)
-    device = torch.device("cuda" if a["device"] == "cuda" or (a["device"] == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu.")
-    model, tok, cfg = load_model(a["run_dir"], device)
+    device = resolve_device(a.device)
+    model, tok, cfg = load_model(a.run_dir, device)
     if cfg.model.arch == "encoder":
-        raise ConfigError(f"run_dir={a['run_dir']} is an encoder (model=encoder), which has no decoder to "
+        raise ConfigError(f"run_dir={a.run_dir} is an encoder (model=encoder), which has no decoder to "
                           f"generate with; use python -m trainer.evaluate for it, or a decoder/encoder_decoder run.")
-    if a["quantize"] != "none":
-        from trainer.quantize import apply_ptq
-
-        try:
-            model = apply_ptq(model.cpu(), a["quantize"], cfg.quantize.group_size).to(device).eval()
-        except Exception as e:  # noqa: BLE001 - any failure is reported as one sentence
-            raise ConfigError(f"quantize={a['quantize']} could not be applied to this model: "
-                              f"{str(e).splitlines()[0].rstrip('.')}.") from e
-    text = a["prompt"] or ""
-    if a["prompt_file"] is not None:
-        with open(a["prompt_file"], "rb") as f:
+    model = apply_quantization(model, cfg, a.quantize, device)
+    text = a.prompt or ""
+    if a.prompt_file is not None:
+        with open(a.prompt_file, "rb") as f:
             text = f.read()
     src = None
     if cfg.model.arch == "encoder_decoder":  # the prompt is the source; decoding starts from BOS
@@ -164,46 +152,53 @@ def _prepare(a: dict):
     if limit is not None and prompt.shape[1] > limit:
         raise ConfigError(f"the prompt is {prompt.shape[1]} tokens (with BOS) but position=learned has only "
                           f"{limit} positions; shorten it.")
-    if limit is not None and prompt.shape[1] + a["max_new_tokens"] > limit + 1:
+    if limit is not None and prompt.shape[1] + a.max_new_tokens > limit + 1:
         print(f"note: position=learned stops at {limit} positions, so at most {limit + 1 - prompt.shape[1]} "
               f"new tokens are generated.", file=sys.stderr)
     return model, tok, cfg, device, prompt, src
 
 
-def main(argv: list[str]) -> int:
-    """The CLI; returns the exit status (2 on bad input, with one `error:` sentence on stderr)."""
+def run_generate(argv: list[str]) -> None:
+    """Compose `conf/tools/generate.yaml` with `argv`, load the run and print the samples on stdout
+    (tokens/s on stderr). Raises ConfigError on bad input, before any sample is printed."""
     from tqdm import tqdm
 
-    from trainer.cli import parse_args
+    from trainer.cli import compose_tool
 
+    a, _ = compose_tool(TOOL, argv)
     try:
-        a, _ = parse_args(argv, SPEC, "python -m trainer.generate")
         model, tok, cfg, device, prompt, src = _prepare(a)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {str(e).rstrip('.')}.", file=sys.stderr)
-        return 2
-    precision = a["precision"] or cfg.precision.dtype
-    gen = torch.Generator(device=device).manual_seed(a["seed"])
+    except ConfigError:
+        raise
+    except ValueError as e:  # e.g. a tokenizer refusing the prompt: bad input too
+        raise ConfigError(str(e)) from e
+    precision = a.precision or cfg.precision.dtype
+    gen = torch.Generator(device=device).manual_seed(a.seed)
     text_prompt = tok.decode(prompt[0].tolist()) if src is None else ""
     n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(range(a["num_samples"]), desc="samples", file=sys.stderr,
-               disable=a["num_samples"] == 1 or not a["progress"])
+    bar = tqdm(range(a.num_samples), desc="samples", file=sys.stderr, disable=a.num_samples == 1 or not a.progress)
     for i in bar:
-        out = generate(model, prompt, a["max_new_tokens"], temperature=a["temperature"], top_k=a["top_k"],
-                       top_p=a["top_p"], generator=gen, kv_cache=a["kv_cache"], src=src, precision=precision,
-                       eos_id=tok.eos_id)
+        out = generate(model, prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                       generator=gen, kv_cache=a.kv_cache, src=src, precision=precision, eos_id=tok.eos_id)
         ids = out[0].tolist()
         if tok.eos_id in ids:
             ids = ids[: ids.index(tok.eos_id)]
         n_tokens += len(ids)
-        if a["num_samples"] > 1:
+        if a.num_samples > 1:
             bar.write(f"--- sample {i + 1} ---", file=sys.stdout)
         sys.stdout.write(text_prompt + tok.decode(ids, skip_special=src is None) + "\n")
         sys.stdout.flush()
     dt = time.perf_counter() - t0
     print(f"{n_tokens} tokens in {dt:.2f} s ({n_tokens / max(dt, 1e-9):.1f} tokens/s, kv_cache="
-          f"{str(a['kv_cache']).lower()}, {precision})", file=sys.stderr)
-    return 0
+          f"{str(a.kv_cache).lower()}, {precision})", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    """The CLI; returns the exit status (0; 2 on bad input, with one `error:` sentence on stderr;
+    `--help` prints every key)."""
+    from trainer.cli import run_tool
+
+    return run_tool(TOOL, run_generate, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 directly; `python -m trainer` wraps it."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -15,19 +16,20 @@ from trainer.config.validate import validate
 from trainer.data import corpus_tokenizer, blocks_of, model_vocab_size
 from trainer.data.loading import build_batch_stream, load_run_corpus
 from trainer.distributed import Dist, init_distributed, resolve_device, teardown
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, StopRequested
 from trainer.evaluation.heldout import HeldOutLoss
 from trainer.evaluation.retrieval import RetrievalSearch, build_retrieval_set
 from trainer.flops import peak_flops, train_flops_per_token
-from trainer.loop import Loop, TrainState, fit
+from trainer.loop import Loop, TrainState, evaluate, fit
 from trainer.metrics import Logger, reset_peak_memory
 from trainer.objectives import build_objective, resolve_objective
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, warmup_steps
 from trainer.precision import build_scaler
 from trainer.runs import checkpoints as ckpt
 from trainer.runs.init_from import apply_init_from
 from trainer.runs.model import build_run_model
 from trainer.runs.process import process_scope, seed_all
+from trainer.runs.resume import check_line, check_resume_config, set_aside
 from trainer.runs.summary import announce, components, finish
 from trainer.transforms import apply_transforms
 from trainer.transforms.compile import reset_compile
@@ -80,6 +82,18 @@ class Run:
     flops_per_token: float
     peak_flops: float
     ckpt_dir: str
+    already_complete: bool = False  # resumed from a checkpoint at trainer.max_steps: nothing to do
+
+
+def _finished_summary(r: Run) -> dict:
+    """The summary.json of a run that was already complete, marked so the caller can say so."""
+    path = os.path.join(r.run_dir, "summary.json")
+    summary = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            summary = json.load(f)
+    summary.update(run_dir=r.run_dir, steps=r.state.step, complete=True, already_complete=True)
+    return summary
 
 
 def build_wrapped_model(cfg: DictConfig, device: torch.device, d: Dist,
@@ -93,6 +107,18 @@ def build_wrapped_model(cfg: DictConfig, device: torch.device, d: Dist,
     return apply_transforms(model, cfg, device, d), n_params
 
 
+def check_resume(cfg: DictConfig, ckpt_dir: str, resume_path: str | None,
+                 payload: dict | None) -> tuple[list[tuple[str, object, object]], list[str]]:
+    """Refuse a resume that would mix two lines of training in one run dir or change what the
+    checkpoint trained (`trainer.runs.resume`). Returns (the honoured changes to log, the newer
+    checkpoints of this run dir that an older resume point supersedes)."""
+    if resume_path is None:
+        return [], []
+    superseded = check_line(resume_path, ckpt_dir, ckpt.list_checkpoints(ckpt_dir))
+    saved = (payload or {}).get("meta", {}).get("config")
+    return (check_resume_config(saved, to_container(cfg), resume_path) if saved else []), superseded
+
+
 def build(cfg: DictConfig, run_dir: str, d: Dist, received: list[int] | None = None) -> Run:
     """Build a run in order: device, resume checkpoint, corpus and tokenizer, model (seeded the same
     on every rank), optimizer, schedule, scaler, restored state, objective, evaluators, logger."""
@@ -103,6 +129,10 @@ def build(cfg: DictConfig, run_dir: str, d: Dist, received: list[int] | None = N
     resume_path = ckpt.find_resume(cfg.trainer.resume, ckpt_dir)
     meta = {"structure": ckpt.structure(cfg), "config": to_container(cfg)}
     payload = ckpt.read_checkpoint(resume_path, meta) if resume_path else None
+    honoured, superseded = check_resume(cfg, ckpt_dir, resume_path, payload)
+    if d.world_size > 1:
+        torch.distributed.barrier()  # every rank has read the checkpoint list before rank 0 moves any
+    aside = set_aside(superseded, ckpt_dir, payload["step"]) if d.is_main and superseded else None
     corpus = load_run_corpus(cfg, d)
     tokenizer = corpus_tokenizer(corpus)
     meta["structure"]["tokenizer"] = tokenizer.ident  # a resume with another tokenizer is refused
@@ -138,19 +168,38 @@ def build(cfg: DictConfig, run_dir: str, d: Dist, received: list[int] | None = N
     fpt = train_flops_per_token(cfg.model, cfg.data.seq_len, vocab)
     # The machine's peak (a GEMM probe, cached per machine) is taken now, in setup, so neither the
     # first logged window's throughput nor the training time pays for it.
-    peak = peak_flops(device, cfg.precision.dtype) * d.world_size
-    logger = Logger(run_dir, d.is_main, cfg.trainer.max_steps, state.step, cfg.trainer.progress)
-    if d.is_main:
+    peak = peak_flops(device, cfg.precision.dtype, cfg.data.cache_dir) * d.world_size
+    # A run whose final checkpoint and summary.json exist has nothing left to do (killed before its
+    # summary: it is finished below from the checkpoint's metrics instead).
+    already_complete = (resume_path is not None and state.step >= cfg.trainer.max_steps
+                        and os.path.isfile(os.path.join(run_dir, "summary.json")))
+    # No new event file (or config text) for a run that has nothing left to do.
+    logger = Logger(run_dir, d.is_main and not already_complete, cfg.trainer.max_steps, state.step,
+                    cfg.trainer.progress)
+    if d.is_main and not already_complete:
         announce(logger, cfg, run_dir, resume_path, state.step, n_params, corpus, device, d)
         if saved_max_steps is not None and saved_max_steps != cfg.trainer.max_steps:
             logger.message(f"note: trainer.max_steps changed from {saved_max_steps} (the checkpoint's) to "
                            f"{cfg.trainer.max_steps}; the {cfg.schedule.name} schedule now ends at step "
                            f"{cfg.trainer.max_steps}, from step {state.step} on.")
+        warm = warmup_steps(cfg.schedule, cfg.trainer.max_steps)
+        if cfg.trainer.max_steps and warm >= cfg.trainer.max_steps:
+            logger.message(f"note: the warmup ({warm} steps) covers the whole run of {cfg.trainer.max_steps} steps, "
+                           f"so it ends at the peak lr; set schedule.warmup_fraction (e.g. 0.1) or a smaller "
+                           f"schedule.warmup_steps to compare runs after warmup.")
+        if aside:
+            logger.message(f"note: resuming from step {state.step} starts a new line of training here; the "
+                           f"{len(superseded)} newer checkpoint(s) of the old line were moved to {aside}.")
+        others = [(k, s, v) for k, s, v in honoured if k != "trainer.max_steps"]
+        if others:
+            logger.message("note: resuming with " + ", ".join(f"{k}={v!r} (the checkpoint's: {s!r})"
+                                                             for k, s, v in others) + ".")
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(ckpt_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                              scaler=scaler, gen=gen, train_state=vars(state) | {"last": dict(state.last)},
-                             meta=meta, keep=cfg.trainer.keep_checkpoints, d=d, sharded=sharded)
+                             meta=meta, keep=cfg.trainer.keep_checkpoints, d=d, sharded=sharded,
+                             async_save=cfg.trainer.async_checkpoint)
 
     loop = Loop(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, objective=objective,
                 stream=build_batch_stream(cfg, corpus, d), evaluators=evaluators, gen=gen, device=device,
@@ -158,37 +207,46 @@ def build(cfg: DictConfig, run_dir: str, d: Dist, received: list[int] | None = N
                 mfu=lambda tps: tps * fpt / peak if peak > 0 else 0.0, save=save,
                 stop_signal=lambda: received[0] if received else 0)
     return Run(cfg=cfg, run_dir=run_dir, loop=loop, state=state, corpus=corpus, n_params=n_params,
-               flops_per_token=fpt, peak_flops=peak, ckpt_dir=ckpt_dir)
+               flops_per_token=fpt, peak_flops=peak, ckpt_dir=ckpt_dir, already_complete=already_complete)
 
 
 def train(r: Run, t_start: float) -> dict:
     """Fit a built run to `trainer.max_steps` (or `steps_per_run` more), save, and finish."""
     cfg, lp, d, state = r.cfg, r.loop, r.loop.dist, r.state
+    if r.already_complete:  # a finished run run again: nothing to train, nothing rewritten
+        lp.logger.close()
+        return _finished_summary(r)
     if d.is_main and state.step == 0:
         for ev in lp.evaluators:  # reference numbers (BM25) once per run, at step 0
             baseline = ev.baseline()
             if baseline:
                 state.last.update(baseline)
                 lp.logger.scalars(baseline, 0)
-                lp.logger.message("BM25 baseline on the same held-out search (the text the encoder sees): "
-                                  + "  ".join(f"{k[5:]} {v:.3f}" for k, v in baseline.items()))
+                lp.logger.message(ev.describe_baseline(baseline))
     start_step = state.step
     t_fit = time.perf_counter()
     try:
-        state = fit(lp, state)
-        if state.step > start_step or not ckpt.list_checkpoints(r.ckpt_dir):
-            lp.save(state.step)
+        if cfg.trainer.max_steps == 0:  # the starting weights, evaluated (and reported) untrained
+            metrics = evaluate(lp)
+            if metrics is None:
+                raise StopRequested(lp.stop_signal() or 15, 0)
+            state.last.update(metrics, eval_step=0)
+            lp.logger.scalars(metrics, 0)
+        else:
+            state = fit(lp, state)
+            if state.step > start_step or not ckpt.list_checkpoints(r.ckpt_dir):
+                lp.save(state.step)
     finally:
+        ckpt.wait_for_checkpoints()  # an async sharded save still writing is completed and renamed
         lp.logger.close()
     complete = state.step >= cfg.trainer.max_steps
     if not complete and d.is_main:
         lp.logger.message(f"paused at step {state.step} of {cfg.trainer.max_steps} after trainer.steps_per_run="
-                          f"{cfg.trainer.steps_per_run} steps; checkpoint saved, run the same command again to "
-                          f"continue.")
+                          f"{cfg.trainer.steps_per_run} steps; checkpoint saved.")
     summary = {"components": components(cfg), "parameters": r.n_params, "steps": state.step,
                "complete": complete, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
                "flops_per_token": r.flops_per_token, "peak_flops": r.peak_flops, "world_size": d.world_size,
                "device": str(lp.device), "run_dir": r.run_dir, "setup_time_s": t_fit - t_start,
-               "train_time_s": time.perf_counter() - t_fit, **state.last}
+               "train_time_s": time.perf_counter() - t_fit, "init_from": cfg.model.init_from, **state.last}
     search = next((ev.retrieval for ev in lp.evaluators if hasattr(ev, "retrieval")), None)
     return finish(cfg, summary, lp.model, lp.objective, r.corpus, lp.device, d, t_start, search)

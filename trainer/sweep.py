@@ -1,104 +1,109 @@
-"""Hydra callback: after a multirun, collect every job's summary.json into sweep.md/.csv/.png."""
+"""The sweep report: the Hydra callback that writes it after a multirun, and
+`python -m trainer.sweep <sweep dir> [sweep.baseline=<overrides>] [sweep.metric=<key>]` that
+rebuilds it from the sweep dir at any time (the report is a function of the job dirs alone, so it
+is the same whichever launcher ran the jobs; see trainer/sweeps/report.py for the files).
+"""
 from __future__ import annotations
 
-import csv
-import glob
-import json
 import os
+import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-COLUMNS = ("status", "eval/loss", "eval/bits_per_byte", "eval/accuracy", "eval/perplexity", "train/loss",
-           "tokens_per_sec", "mfu", "peak_memory_mb", "parameters", "setup_time_s", "train_time_s", "wall_time_s", "error")
+from trainer.errors import EXIT_BAD_INPUT
+from trainer.sweeps.collect import COLUMNS, collect
+from trainer.sweeps.launch import different_sweep, job_threads
+from trainer.sweeps.report import write_report
 
+__all__ = ["COLUMNS", "FAILED_IN_REPORT", "SweepReport", "collect", "main", "write_report"]
 
-def _status(summary: dict) -> str:
-    if "status" in summary:
-        return summary["status"]
-    return "complete" if summary.get("complete", True) else "paused"
-
-
-def collect(sweep_dir: str) -> list[dict]:
-    """One row per job: its overrides plus the summary metrics."""
-    rows = []
-    for path in sorted(glob.glob(os.path.join(sweep_dir, "*", "summary.json"))):
-        job_dir = os.path.dirname(path)
-        with open(path) as f:
-            summary = json.load(f)
-        overrides_file = os.path.join(job_dir, ".hydra", "overrides.yaml")
-        overrides: list[str] = []
-        if os.path.exists(overrides_file):
-            import yaml
-
-            with open(overrides_file) as f:
-                overrides = yaml.safe_load(f) or []
-        rows.append({"job": os.path.basename(job_dir), "overrides": overrides,
-                     **{c: summary.get(c) for c in COLUMNS}, "status": _status(summary)})
-    # Show what the sweep varied: overrides shared by every job are dropped from the table.
-    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
-    for r in rows:
-        r["overrides"] = " ".join(o for o in r["overrides"] if o not in shared)
-    return rows
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and v == v  # not None, not NaN
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-def write_report(sweep_dir: str) -> list[dict]:
-    """Write sweep.csv, sweep.md (sorted by eval/loss) and sweep.png; returns the rows."""
-    rows = collect(sweep_dir)
-    if not rows:
-        return rows
-    # Best eval/loss first; jobs without one (failed, paused, non-finite) last, in job order.
-    rows.sort(key=lambda r: (not _is_number(r["eval/loss"]), r["eval/loss"] if _is_number(r["eval/loss"]) else 0.0,
-                             int(r["job"]) if str(r["job"]).isdigit() else 0))
-    keys = ["job", "overrides", *COLUMNS]
-    with open(os.path.join(sweep_dir, "sweep.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r[k]).replace("|", "\\|") for k in keys) + " |" for r in rows]
-    failed = sum(r["status"] == "failed" for r in rows)
-    note = f"\n{failed} of {len(rows)} job(s) failed; their reason is in the error column.\n" if failed else ""
-    with open(os.path.join(sweep_dir, "sweep.md"), "w") as f:
-        f.write("# Sweep results (best eval/loss first)\n\n" + "\n".join(lines) + "\n" + note)
-    _plot(rows, os.path.join(sweep_dir, "sweep.png"))
-    return rows
-
-
-def _plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is optional
-        return
-    labels = [r["overrides"] or r["job"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 2))
-    for ax, key in zip(axes, ("eval/loss", "tokens_per_sec")):
-        ax.barh(labels, [r[key] if _is_number(r[key]) else 0.0 for r in rows])
-        ax.set_xlabel(key)
-        ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+USAGE = ("usage: python -m trainer.sweep <sweep dir> [sweep.baseline=<overrides of one configuration>] "
+         "[sweep.metric=<summary key>]")
 
 
 class SweepReport(Callback):
-    """Registered in conf/config.yaml under hydra.callbacks."""
+    """Registered in conf/config.yaml under hydra.callbacks. At the start of a multirun it refuses a
+    sweep dir that holds another command's sweep; each job of a parallel launcher gets its share of
+    the cores (`trainer.sweeps.launch.job_threads`) unless `trainer.threads` is set; at the end
+    (in the launching process, once every job has ended, for every launcher) it writes the report."""
+
+    def __init__(self) -> None:
+        self._threads: int | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = different_sweep(config.hydra.sweep.dir, list(config.hydra.overrides.task))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "trainer.threads") is not None:
+            return
+        threads = job_threads(OmegaConf.select(config, "hydra.launcher"))
+        if threads:
+            import torch  # the job is about to import it anyway; the report itself does not need it
+
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self._threads is not None:
+            import torch  # already imported by on_job_start
+
+            torch.set_num_threads(self._threads)
+            self._threads = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows = write_report(config.hydra.sweep.dir)
+        sweep_dir = config.hydra.sweep.dir
+        try:
+            rows = write_report(sweep_dir)
+        except ValueError as e:  # not raised without an explicit baseline; kept for safety
+            print(f"error: {e}", file=sys.stderr)
+            return
+        FAILED_IN_REPORT[:] = [f"job {r['job']} ({r['overrides']}): {r['error']}" for r in rows if r["status"] == "failed"]
         if rows:
-            print(f"sweep report: {os.path.join(config.hydra.sweep.dir, 'sweep.md')}")
+            print(f"sweep report: {os.path.join(sweep_dir, 'sweep.md')}")
+
+
+# The failed jobs the last report of this process found, whichever launcher (and process) ran
+# them: "job N (overrides): reason".
+FAILED_IN_REPORT: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.sweep <sweep dir> [sweep.baseline=...] [sweep.metric=...]`: rewrite the
+    sweep's report files from its job dirs; exit 2 with one sentence on bad input."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\nRewrites sweep.md, sweep.csv, sweep_stats.csv, sweep_curves.csv and sweep.png "
+              "from the job dirs of <sweep dir>.", file=sys.stderr if not argv else sys.stdout)
+        return 0 if argv else EXIT_BAD_INPUT
+    sweep_dir, options = argv[0], {}
+    for arg in argv[1:]:
+        key, eq, value = arg.partition("=")
+        if not eq or key not in ("sweep.baseline", "sweep.metric", "baseline", "metric"):
+            print(f"error: unknown argument {arg!r}; valid: sweep.baseline=<overrides> and "
+                  f"sweep.metric=<summary key> ({USAGE}).", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        options[key.removeprefix("sweep.")] = value
+    if not os.path.isdir(sweep_dir):
+        print(f"error: sweep dir {sweep_dir!r} does not exist; give the hydra.sweep.dir of a multirun.",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        rows = write_report(sweep_dir, baseline=options.get("baseline"), metric=options.get("metric"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not rows:
+        print(f"error: {sweep_dir} holds no job dir (a subdir with summary.json or .hydra/overrides.yaml); "
+              f"give the hydra.sweep.dir of a multirun.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"sweep report: {os.path.join(sweep_dir, 'sweep.md')} ({len(rows)} jobs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

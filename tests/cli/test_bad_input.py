@@ -13,7 +13,7 @@ CASES = [
     pytest.param(["model.d_modle=3"], ["model.d_modle"], id="unknown-key"),
     pytest.param(["model.d_model=abc"], ["model.d_model", "abc"], id="wrong-type"),
     pytest.param(["attention=quantum"], ["attention", "quantum", "flash"], id="unknown-group-option"),
-    pytest.param(["trainer.max_steps=0"], ["trainer.max_steps=0"], id="out-of-range"),
+    pytest.param(["trainer.max_steps=-1"], ["trainer.max_steps=-1"], id="out-of-range"),
     pytest.param(["model.num_heads=5"], ["model.num_heads=5", "model.d_model=32"], id="heads-do-not-divide"),
     pytest.param(["objective=mlm"], ["objective=mlm", "model=decoder"], id="objective-for-wrong-model"),
     pytest.param(["data=text", "data.files=[/nonexistent/corpus.txt]"], ["/nonexistent/corpus.txt"],

@@ -31,7 +31,7 @@ def test_cli_trains_and_prints_run_dir(tmp_path):
 @pytest.mark.parametrize("override,needles", [
     ("model.d_modle=3", ["d_modle"]),
     ("model.d_model=abc", ["model.d_model", "abc"]),
-    ("trainer.max_steps=0", ["trainer.max_steps=0", "> 0"]),
+    ("trainer.max_steps=-1", ["trainer.max_steps=-1", ">= 0"]),
     ("model.num_heads=5", ["model.num_heads=5", "d_model"]),
     ("attention=quantum", ["attention", "quantum", "standard"]),
     ("objective=mlm", ["objective=mlm", "model=decoder"]),

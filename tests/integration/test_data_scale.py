@@ -151,7 +151,15 @@ def test_streamed_batches_are_the_packed_documents_after_the_held_out_head(make_
     texts = [json.loads(line)["text"].encode() for line in open(cfg.data.files[0])]
     flat = [t for doc in texts for t in (257, *doc, EOS)]
     assert corpus.val.flatten().tolist() == flat[: 16 * 33]
-    head = sum(len(d) + 2 for d in texts[:corpus.skip_docs])  # training starts at the next document
+    # The held-out head is the first documents up to the one that completes block 16 (its rest is
+    # dropped, not trained on); training starts at the document after it. Counted here by hand
+    # from the documents' lengths (BOS + bytes + EOS each), not read from the code under test.
+    ends = [sum(len(d) + 2 for d in texts[:k + 1]) for k in range(len(texts))]
+    held_out_docs = next(k + 1 for k, end in enumerate(ends) if end >= 16 * 33)
+    assert 0 < held_out_docs < len(texts)
+    assert corpus.skip_docs == held_out_docs
+    head = ends[held_out_docs - 1]  # training starts at the next document
+    assert head >= 16 * 33 and head - (len(texts[held_out_docs - 1]) + 2) < 16 * 33
     stream = StreamingBatches(cfg.data, cfg.seed, corpus.tokenizer, 8, Dist(), corpus.skip_docs)
     assert stream.batch(3).flatten().tolist() == flat[head + 3 * 8 * 33: head + 4 * 8 * 33]
     assert stream.batch(0).flatten().tolist() == flat[head: head + 8 * 33]  # going back restarts it

@@ -86,7 +86,16 @@ def test_quantize_method_end_to_end(make_cfg, tmp_path, method: str) -> None:
     # The saved file's tensors hold exactly those data bytes (int8 / packed int4, fp32 / fp16 scales).
     saved_weights = torch.load(tmp_path / f"model_{method}.pt", weights_only=True)
     assert sum(tensor_bytes(t) for t in saved_weights.values()) == data + other
-    assert report["fp32"]["eval_loss"] == pytest.approx(summary["eval/loss"], abs=1e-4)  # same batches as eval
+    # The run's eval/loss and the report's row of the same model are one computation (same weights,
+    # same held-out batches, same fp32 kernels in this process); only the summation of the per-batch
+    # losses may differ: 3 batches x 8 x 32 = 768 targets of loss ~3-6 in fp32, 1.2e-7 x sqrt(768) x 6
+    # = 2e-5 at most in the random-walk model (measured: 8e-8). The same model is the float one for
+    # the post-training methods, but the fake-quantized one for qat_int8: the run trained and
+    # evaluated its linears on the int8 grid, so its float copy (the report's fp32 row) differs by
+    # the quantization itself (2.6e-5 on an AVX512 AMD CPU, 1.06e-4 on an AMX Intel CPU, where
+    # other GEMM kernels put other values across grid points), which is no rounding bound at all.
+    same_model = report["variants"]["qat_int8 (fake-quant)"] if method == "qat_int8" else report["fp32"]
+    assert summary["eval/loss"] == pytest.approx(same_model["eval_loss"], abs=2e-5)  # same batches as eval
 
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["quantize"]["size_ratio"] == pytest.approx(report["size_ratio"])

@@ -116,3 +116,17 @@ def test_encoder_decoder_scales_each_stack_by_its_own_depth():
     enc = torch.cat([b.ffn.down.weight.flatten() for b in m.encoder.blocks]).std().item()
     dec = torch.cat([b.ffn.down.weight.flatten() for b in m.decoder.blocks]).std().item()
     assert enc == pytest.approx(0.02 / 2, rel=0.03) and dec == pytest.approx(0.02 / 4, rel=0.03)
+
+
+@pytest.mark.parametrize("extra", [["model.qk_norm=true"], ["model.qk_norm=true", "norm=rmsnorm", "position=rope"],
+                                   ["objective.z_loss=1e-4"]])
+def test_first_loss_is_near_uniform_with_recipe_choices(extra):
+    """The recipe's model and loss choices start near ln(vocab) too (decoder, default size)."""
+    cfg = compose_cfg(*SIZES["default"], "data.seq_len=64", *extra)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE, max_len=64)
+    objective = build_objective("clm", cfg.objective)
+    batch = objective.prepare(_blocks(4, 65), torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the plain cross-entropy (z-loss only joins the loss under autograd)
+        loss = objective.loss(model, batch)[0].item() / objective.num_targets(batch)
+    assert abs(loss - math.log(VOCAB_SIZE)) < 0.5, loss

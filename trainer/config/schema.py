@@ -28,9 +28,27 @@ class ModelConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     num_decoder_layers: Optional[int] = None  # encoder_decoder only; None: num_layers
-    activation: str = "gelu"
+    activation: str = "gelu"  # gelu (exact) | gelu_tanh | relu | swiglu
     tie_embeddings: bool = True
-    init_from: Optional[str] = None  # a run dir (or weights file) whose matching weights start this run
+    # A run dir, a weights file, a Hugging Face / sentence-transformers folder (it then defines the
+    # architecture, sizes and tokenizer: trainer.pretrained) or a packaged model's name (all-minilm-l6-v2).
+    init_from: Optional[str] = None
+    # Architecture choices pretrained families need; the defaults are the models above, and each
+    # also works from scratch.
+    head_dim: Optional[int] = None  # per-head size; None: d_model // num_heads
+    bias: bool = False  # biases on every linear layer of the blocks (BERT, GPT-2)
+    qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
+    qk_norm: bool = False  # RMS norm of each head's queries and keys (Qwen3), any attention kernel
+    embed_norm: bool = False  # a norm of the embeddings (tokens + positions) before the first block (BERT)
+    token_types: int = 0  # rows of a token-type (segment) embedding, type 0 added to every token; 0: none
+    max_positions: Optional[int] = None  # position=learned: table rows; None: data.seq_len
+    position_offset: int = 0  # position=learned: leading table rows no position reads (RoBERTa: pad id + 1)
+    head_scale: Optional[float] = None  # factor on the hidden states entering the LM head; None: automatic
+    # Token ids the LM head may predict (rows above get -inf logits); None: the tokenizer's whole
+    # vocabulary. A pretrained folder sets its vocab_size: tokens its tokenizer gains here stay unpredicted.
+    num_tokens: Optional[int] = None
+    # Output logits soft-capped to c * tanh(logits / c) (Gemma 2, modded-nanogpt); None: off.
+    logit_softcap: Optional[float] = None
 
 
 @dataclass
@@ -63,6 +81,8 @@ class ObjectiveConfig:
     temperature: float = 0.05  # contrastive: InfoNCE temperature (the starting value if learned)
     learn_temperature: bool = False  # contrastive: learn log(1/temperature) (CLIP) instead of fixing it
     pooling: str = "mean"  # contrastive: mean | cls (the first token's vector) -> the embedding
+    # z-loss coefficient (PaLM): coef x log(Z)^2 per target added to the training loss; 0: off.
+    z_loss: float = 0.0
 
 
 @dataclass
@@ -86,6 +106,9 @@ class DataConfig:
     document_field: str = "document"  # data=pairs (.jsonl): the document text field
     corpus_files: List[str] = field(default_factory=list)  # data=pairs: extra documents to search (.jsonl/.txt)
     cache_dir: str = "${oc.env:TRAINER_CACHE,${oc.env:HOME}/.cache/trainer}"
+    # Training windows start at random token offsets drawn per step from (seed, step) (nanoGPT's
+    # sampling) instead of the store's fixed blocks; held-out blocks stay fixed.
+    random_offsets: bool = False
 
 
 @dataclass
@@ -125,13 +148,24 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    # optim=muon: Muon on the blocks' linear weights (AdamW above for the rest).
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_adjust_lr: str = "original"  # original (sqrt(max(1, rows/cols))) | match_rms_adamw
 
 
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    warmup_steps: int = 30
+    # Warmup length: warmup_steps when set, else warmup_fraction x trainer.max_steps (rounded).
+    warmup_steps: Optional[int] = None
+    warmup_fraction: Optional[float] = 0.1
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # schedule=wsd: the share of trainer.max_steps spent decaying
+    decay_shape: str = "linear"  # schedule=wsd: linear | sqrt (1 - sqrt, Hägele et al. 2024)
 
 
 @dataclass
@@ -151,6 +185,19 @@ class TrainerConfig:
     device: str = "auto"
     threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     progress: bool = True
+    async_checkpoint: bool = False  # parallel=fsdp: write sharded checkpoints in the background
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (every ac_every-th block)
+    ac_every: int = 2  # activation_checkpointing=selective: recompute every ac_every-th block
+
+
+@dataclass
+class SweepConfig:
+    """How a multirun's report is read; changes no run's numbers."""
+
+    # The configuration the others are compared with: overrides naming exactly one of the sweep's
+    # configurations, e.g. "attention=standard"; None: the first configuration.
+    baseline: Optional[str] = None
+    metric: str = "eval/loss"  # the summary key a job returns to Hydra's sweeper (Optuna) and the report leads with
 
 
 @dataclass
@@ -169,6 +216,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_configs() -> None:

@@ -23,10 +23,12 @@ from trainer.data.tokenizer import TOKENIZERS, tokenizer_file
 from trainer.distributed import DEVICES
 from trainer.errors import ConfigError
 from trainer.objectives import OBJECTIVE_ARCHS, OBJECTIVES, resolve_objective, span_lengths
-from trainer.optim import OPTIMIZERS, SCHEDULES
+from trainer.optim import DECAY_SHAPES, MUON_ADJUST_LR, OPTIMIZERS, SCHEDULES
+from trainer.pretrained.packaged import PACKAGED, is_packaged_name
 from trainer.precision import PRECISIONS
 from trainer.quantize import QUANTIZE
 from trainer.retrieval.embedding import POOLINGS
+from trainer.transforms.checkpointing import AC_MODES
 from trainer.transforms.parallel import PARALLELS
 
 
@@ -74,9 +76,7 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
         _positive(m.num_decoder_layers, "model.num_decoder_layers")
     _fraction(m.dropout, "model.dropout", lo_open=False)
     _fraction(m.attn_dropout, "model.attn_dropout", lo_open=False)
-    if cfg.position.kind == "rope" and (m.d_model // m.num_heads) % 2:
-        raise ConfigError(f"position=rope needs an even head size, but d_model/num_heads = "
-                          f"{m.d_model // m.num_heads}.")
+    _validate_architecture(cfg)
     if cfg.attention.kind == "tiled" and m.attn_dropout > 0:
         raise ConfigError("attention=tiled does not support model.attn_dropout > 0; "
                           "set model.attn_dropout=0 or use attention=standard|flash.")
@@ -111,10 +111,41 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
         raise ConfigError("data=hub needs data.name=<a Hugging Face dataset name>.")
     _validate_tokens(cfg)
     _validate_trainer(cfg, world_size, launched)
+    _validate_recipe(cfg, objective)
     try:
         requested_backend()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _validate_architecture(cfg: DictConfig | Config) -> None:
+    """The architecture choices pretrained families need (head_dim, positions table, head scale)."""
+    m = cfg.model
+    head_dim = m.head_dim
+    if head_dim is not None:
+        _positive(head_dim, "model.head_dim")
+    head_dim = head_dim or m.d_model // m.num_heads
+    if cfg.position.kind == "rope" and head_dim % 2:
+        raise ConfigError(f"position=rope needs an even head size, but the head size (model.head_dim or "
+                          f"d_model/num_heads) is {head_dim}.")
+    _positive(m.token_types, "model.token_types", zero_ok=True)
+    _positive(m.position_offset, "model.position_offset", zero_ok=True)
+    if m.head_scale is not None:
+        _positive(m.head_scale, "model.head_scale")
+    if m.max_positions is not None:
+        _positive(m.max_positions, "model.max_positions")
+    if m.num_tokens is not None:
+        _positive(m.num_tokens, "model.num_tokens")
+    if (m.position_offset or m.max_positions is not None) and cfg.position.kind != "learned":
+        key = "model.position_offset" if m.position_offset else "model.max_positions"
+        raise ConfigError(f"{key} sizes a learned position table, but position={cfg.position.kind}; use "
+                          f"position=learned or leave {key} unset.")
+    if cfg.position.kind == "learned" and m.max_positions is not None:
+        room = m.max_positions - m.position_offset
+        if room < cfg.data.seq_len:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} needs more positions than model.max_positions="
+                              f"{m.max_positions} minus model.position_offset={m.position_offset} leaves ({room}); "
+                              f"lower data.seq_len or raise model.max_positions.")
 
 
 def _validate_tokens(cfg: DictConfig | Config) -> None:
@@ -166,15 +197,17 @@ def _validate_retrieval(cfg: DictConfig | Config, objective: str) -> None:
         raise ConfigError("objective.learn_temperature=true is not supported with parallel=fsdp (its scalar "
                           "cannot be sharded); use parallel=ddp or a fixed objective.temperature.")
     src = cfg.model.init_from
-    if src and not os.path.exists(os.path.expanduser(src)):
-        raise ConfigError(f"model.init_from={src}: no such run dir or weights file.")
+    if src and not os.path.exists(os.path.expanduser(src)) and not is_packaged_name(src):
+        raise ConfigError(f"model.init_from={src}: no such run dir, weights file or model folder (nor a packaged "
+                          f"model: {', '.join(PACKAGED)}).")
 
 
 def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool) -> None:
     t, o = cfg.trainer, cfg.optim
-    for key in ("batch_size", "max_steps", "grad_accum", "eval_every", "eval_batches",
+    for key in ("batch_size", "grad_accum", "eval_every", "eval_batches",
                 "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(getattr(t, key), f"trainer.{key}")
+    _positive(t.max_steps, "trainer.max_steps", zero_ok=True)  # 0: evaluate the starting weights only
     _positive(t.grad_clip, "trainer.grad_clip", zero_ok=True)
     if t.steps_per_run is not None:
         _positive(t.steps_per_run, "trainer.steps_per_run")
@@ -192,12 +225,52 @@ def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool)
     _positive(o.weight_decay, "optim.weight_decay", zero_ok=True)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1).")
-    _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", zero_ok=True)
+    if cfg.schedule.warmup_steps is not None:
+        _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", zero_ok=True)
+    if getattr(cfg.schedule, "warmup_fraction", None) is not None and not 0 <= cfg.schedule.warmup_fraction <= 1:
+        raise ConfigError(f"schedule.warmup_fraction={cfg.schedule.warmup_fraction} is out of range; it must be "
+                          f"in [0, 1] (the share of trainer.max_steps spent warming up).")
     _fraction(cfg.schedule.min_lr_ratio, "schedule.min_lr_ratio", lo_open=False)
     if cfg.parallel.kind != "single" and not launched:
         raise ConfigError(f"parallel={cfg.parallel.kind} needs a torchrun launch, e.g. "
                           f"torchrun --nproc_per_node=N -m trainer parallel={cfg.parallel.kind}.")
     if cfg.parallel.kind == "fsdp" and cfg.quantize.method == "qat_int8":
         raise ConfigError("quantize=qat_int8 cannot be combined with parallel=fsdp; use parallel=ddp.")
+    if t.async_checkpoint and cfg.parallel.kind != "fsdp":
+        raise ConfigError(f"trainer.async_checkpoint=true needs parallel=fsdp (sharded checkpoints), but "
+                          f"parallel={cfg.parallel.kind}; set trainer.async_checkpoint=false or use parallel=fsdp.")
+    _choice(t.activation_checkpointing, AC_MODES, "trainer.activation_checkpointing")
+    _positive(t.ac_every, "trainer.ac_every")
 
 
+
+
+def _validate_recipe(cfg: DictConfig | Config, objective: str) -> None:
+    """optim=muon, schedule=wsd, objective.z_loss, model.logit_softcap, data.random_offsets."""
+    o, sch = cfg.optim, cfg.schedule
+    if o.name == "muon":
+        _positive(o.muon_lr, "optim.muon_lr")
+        _fraction(o.muon_momentum, "optim.muon_momentum", lo_open=False)
+        _positive(o.muon_weight_decay, "optim.muon_weight_decay", zero_ok=True)
+        _positive(o.muon_ns_steps, "optim.muon_ns_steps")
+        _choice(o.muon_adjust_lr, MUON_ADJUST_LR, "optim.muon_adjust_lr")
+        if cfg.parallel.kind == "fsdp":
+            raise ConfigError("optim=muon cannot be combined with parallel=fsdp (Muon orthogonalizes whole weight "
+                              "matrices, FSDP shards them across ranks); use parallel=ddp|single or optim=adamw.")
+    if sch.name == "wsd":
+        if not 0 < sch.decay_fraction <= 1:
+            raise ConfigError(f"schedule.decay_fraction={sch.decay_fraction} is out of range; it must be in (0, 1] "
+                              f"(the share of trainer.max_steps spent decaying).")
+        _choice(sch.decay_shape, DECAY_SHAPES, "schedule.decay_shape")
+    z = cfg.objective.z_loss
+    _positive(z, "objective.z_loss", zero_ok=True)
+    if z > 0 and objective == "contrastive":
+        raise ConfigError(f"objective.z_loss={z} regularizes a language model's softmax over the vocabulary; "
+                          f"objective=contrastive has none, so set objective.z_loss=0.")
+    cap = cfg.model.logit_softcap
+    if cap is not None:
+        _positive(cap, "model.logit_softcap")
+    if cfg.data.random_offsets and (cfg.data.streaming or cfg.data.source == "pairs"):
+        what = "data.streaming=true" if cfg.data.streaming else "data=pairs"
+        raise ConfigError(f"data.random_offsets=true cuts windows from the token store, which {what} does not "
+                          f"read; set data.random_offsets=false.")

@@ -23,7 +23,7 @@ from trainer.data.store import BatchStream, StoreBlocks, finish_store, open_stor
 from trainer.data.tokenizer import BOS, EOS, MASK, NUM_SENTINELS, PAD, SENTINEL0, VOCAB_SIZE, ByteTokenizer, HFTokenizer, load_pretrained, load_tokenizer_json, model_vocab_size, texts_of, tokenizer_file, train_bpe
 from trainer.data.heldout import held_out_documents
 
-_FORMAT_VERSION = 3  # bump when tokenization, packing or the store layout changes (invalidates caches)
+_FORMAT_VERSION = 4  # bump when tokenization, packing or the store layout changes (invalidates caches)
 BPE_TRAIN_BYTES = 32 << 20  # tokenizer=bpe learns its merges from at most this much training text
 
 __all__ = ["PAD", "BOS", "EOS", "MASK", "SENTINEL0", "VOCAB_SIZE", "NUM_SENTINELS", "BatchStream", "Corpus",

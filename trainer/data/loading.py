@@ -32,7 +32,9 @@ def load_run_corpus(cfg, d: Dist):
 
 
 def build_batch_stream(cfg, corpus, d: Dist):
-    """Training batches by step: from the memory-mapped store, or (data.streaming) from `datasets`."""
+    """Training batches by step: from the memory-mapped store (fixed blocks, or windows at random
+    offsets with data.random_offsets), or (data.streaming) from `datasets`."""
     if cfg.data.streaming:
         return StreamingBatches(cfg.data, cfg.seed, corpus.tokenizer, cfg.trainer.batch_size, d, corpus.skip_docs)
-    return BatchStream(blocks_of(corpus, "train"), cfg.trainer.batch_size, cfg.seed)
+    return BatchStream(blocks_of(corpus, "train"), cfg.trainer.batch_size, cfg.seed,
+                       random_offsets=cfg.data.random_offsets)

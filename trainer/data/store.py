@@ -63,22 +63,41 @@ class StoreBlocks:
             self.mapping.madvise(mmap.MADV_DONTNEED)
         return out
 
+    def windows(self, starts: np.ndarray, length: int) -> torch.Tensor:
+        """(len(starts), length) int64: `length` consecutive tokens from each token offset in
+        `starts`, counted in the split's rows read end to end (a window may run on into the next
+        row). Reads only those tokens from the map."""
+        flat = self.mm.reshape(-1)  # a view of the map, no copy
+        idx = self.lo * self.mm.shape[1] + np.asarray(starts, np.int64)[:, None] + np.arange(length)
+        out = torch.from_numpy(np.asarray(flat[idx], dtype=np.int64))
+        if self.mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self.mapping.madvise(mmap.MADV_DONTNEED)  # as __getitem__: keep RSS flat
+        return out
+
     def tensor(self) -> torch.Tensor:
         """All rows as one (N, width) int64 tensor (a copy: for small corpora and tests)."""
         return self[0:len(self)]
 
 
 class BatchStream:
-    """Deterministic infinite stream of training blocks: sample i of the run is block
-    `perm_e[i % N]` with `perm_e` a permutation seeded by (seed, epoch e = i // N).
+    """Deterministic infinite stream of training windows, a pure function of (seed, step).
 
-    The position is a pure function of the step, so resume needs only the step number, and every
-    rank sees the same global batch (it takes its own slice). `blocks` is a (N, width) tensor or
-    the memory-mapped `StoreBlocks`.
+    Fixed blocks (default): sample i of the run is block `perm_e[i % N]` with `perm_e` a
+    permutation seeded by (seed, epoch e = i // N). `random_offsets=True`: nanoGPT's sampling
+    (`get_batch` in its train.py): each of step s's windows starts at a token offset drawn
+    uniformly from the split's tokens (read end to end) by a generator seeded by (seed, s), so
+    the run sees ~width times more distinct windows than there are blocks; nothing is copied
+    (`StoreBlocks.windows` gathers from the map). A window may span two stored rows, so it may
+    join text across a dropped packing tail (`_Packer`), as a document boundary does.
+
+    Either way resume needs only the step number, and every rank sees the same global batch (it
+    takes its own slice) whatever the number of processes. `blocks` is a (N, width) tensor or the
+    memory-mapped `StoreBlocks`.
     """
 
-    def __init__(self, blocks, batch_size: int, seed: int):
+    def __init__(self, blocks, batch_size: int, seed: int, random_offsets: bool = False):
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.random_offsets = random_offsets
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -87,8 +106,22 @@ class BatchStream:
             self._perm, self._perm_epoch = torch.randperm(len(self.blocks), generator=g), epoch
         return self._perm
 
+    def offsets(self, step: int) -> np.ndarray:
+        """The token offsets of step `step`'s windows (random_offsets): (batch_size,) int64 in
+        [0, N * width - width], from a generator seeded by (seed, step) alone."""
+        n, width = self.blocks.shape
+        rng = np.random.default_rng([self.seed, step, 0x0FF5E7])  # the tag keeps it apart from other streams
+        return rng.integers(0, n * width - width + 1, size=self.batch_size, dtype=np.int64)
+
     def batch(self, step: int) -> torch.Tensor:
         """The global batch for optimizer step `step` (0-based): (batch_size, seq_len + 1) int64."""
+        if self.random_offsets:
+            starts = self.offsets(step)
+            width = self.blocks.shape[1]
+            if isinstance(self.blocks, StoreBlocks):
+                return self.blocks.windows(starts, width)
+            flat = self.blocks.reshape(-1)  # (N * width,): a view of a contiguous tensor
+            return flat[torch.from_numpy(starts)[:, None] + torch.arange(width)]
         n = len(self.blocks)
         idx = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
         rows = torch.empty_like(idx)

@@ -4,6 +4,11 @@ the training split with Hugging Face `tokenizers`) and `pretrained` (a `tokenize
 Every tokenizer offers encode(text|bytes, bos, eos) -> ids, decode(ids, skip_special) -> str,
 vocab_size, pad_id/bos_id/eos_id/mask_id, sentinel(i), num_sentinels, kind, ident (kind + hash of
 its tokenizer.json: what a checkpoint records) and token_bytes() (UTF-8 bytes per id, for bits/byte).
+
+User text is text: `encode` never turns a literal `</s>`, `<mask>`, `[CLS]` or `<extra_id_3>` in the
+input into a special id (only the trainer inserts those, by id: `bos=`/`eos=`, the packer, the
+objectives), so `decode(encode(t)) == t` for every string a lossless (byte, byte-level BPE)
+tokenizer can hold, and bits per byte counts such text by its bytes.
 """
 from __future__ import annotations
 
@@ -96,6 +101,9 @@ class HFTokenizer:
     def __init__(self, tok, kind: str):
         self.tok, self.kind = tok, kind
         self.json = tok.to_str()
+        # Special tokens are never matched inside the text being encoded (`tokenizers` >= 0.19;
+        # not part of tokenizer.json, so it is set on every load and `ident` is unchanged).
+        tok.encode_special_tokens = True
         self.ident = f"{kind}:{hashlib.sha256(self.json.encode()).hexdigest()[:16]}"
         vocab = tok.get_vocab(with_added_tokens=True)
         ids = {name: next(vocab[a] for a in _ALIASES[name] if a in vocab) for name in SPECIAL_NAMES}
@@ -105,18 +113,42 @@ class HFTokenizer:
             self._sentinels.append(vocab[f"<extra_id_{len(self._sentinels)}>"])
         self.num_sentinels = len(self._sentinels)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        added = tok.get_added_tokens_decoder()
+        special = {i for i, t in added.items() if t.special}
+        special |= {self.pad_id, self.bos_id, self.eos_id, self.mask_id, *self._sentinels}
+        self.special_ids = np.asarray(sorted(special), np.int64)  # ids only the trainer inserts
+        self._special = {i: tok.id_to_token(i) for i in special}
+
+    def _as_text(self, enc, text: str) -> list[int]:
+        """`enc`'s ids with every special id that came from its own literal text in `text` (a
+        tokenizer model whose vocabulary holds `</s>` or `<unk>`, as T5's Unigram does, or a
+        non-special added token the trainer uses) replaced by that text one character at a time.
+        A special id produced for something else (the model's unknown token for a character
+        it cannot hold) is kept."""
+        ids = enc.ids
+        if not self._special.keys() & set(ids):
+            return ids
+        out: list[int] = []
+        for i, piece, (lo, hi) in zip(ids, enc.tokens, enc.offsets):
+            if i in self._special and self._special[i] in text[lo:hi]:
+                out += [t.id for ch in piece for t in self.tok.model.tokenize(ch)]
+            else:
+                out.append(i)
+        return out
 
     def encode(self, text: str | bytes, bos: bool = False, eos: bool = False) -> list[int]:
         """Text (bytes are read as UTF-8; invalid bytes become U+FFFD) -> ids, optionally in BOS/EOS."""
         if isinstance(text, (bytes, bytearray)):
             text = bytes(text).decode("utf-8", errors="replace")
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        ids = self._as_text(self.tok.encode(text, add_special_tokens=False), text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_docs(self, docs: list[bytes]) -> list[np.ndarray]:
-        """Documents (bytes, read as UTF-8) -> one int64 id array each, without BOS/EOS."""
+        """Documents (bytes, read as UTF-8) -> one int64 id array each, without BOS/EOS (and
+        without any special id: literal special-token text stays text)."""
         texts = [d.decode("utf-8", errors="replace") for d in docs]
-        return [np.asarray(e.ids, np.int64) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        encoded = self.tok.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(self._as_text(e, t), np.int64) for e, t in zip(encoded, texts)]
 
     def save(self, path: str) -> None:
         """Write the tokenizer.json (atomically: a temporary name, then rename)."""
@@ -134,12 +166,15 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def token_bytes(self) -> np.ndarray:
-        """(vocab_size,) int64: UTF-8 bytes each id stands for; special/added tokens count 0.
+        """(vocab_size,) int64: UTF-8 bytes each id stands for; special ids count 0, a non-special
+        added token the bytes of its text (it stands for that text wherever it is matched).
 
         Byte-level vocabularies map each character back to its byte (exact); other vocabularies
         (WordPiece, SentencePiece) count the UTF-8 bytes of the token's decoded text.
         """
-        return _token_bytes(self.json)
+        out = _token_bytes(self.json).copy()
+        out[self.special_ids] = 0
+        return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -148,10 +183,11 @@ def _token_bytes(tok_json: str) -> np.ndarray:
 
     tok = Tokenizer.from_str(tok_json)
     to_byte = {c: 1 for c in pre_tokenizers.ByteLevel.alphabet()}
-    added = {t.content for t in tok.get_added_tokens_decoder().values()}
+    added = {t.content: t.special for t in tok.get_added_tokens_decoder().values()}
     out = np.zeros(tok.get_vocab_size(with_added_tokens=True), np.int64)
     for token, i in tok.get_vocab(with_added_tokens=True).items():
         if token in added:
+            out[i] = 0 if added[token] else len(token.encode("utf-8"))  # matched as its literal text
             continue
         if all(c in to_byte for c in token):
             out[i] = len(token)  # byte-level: one character per byte
@@ -203,6 +239,10 @@ def load_pretrained(path: str, kind: str = "pretrained", say=print) -> HFTokeniz
     except Exception as e:
         raise ConfigError(f"tokenizer.path={file!r} could not be read as a Hugging Face tokenizer.json "
                           f"({type(e).__name__}).") from e
+    # A tokenizer.json may carry padding/truncation settings (sentence-transformers' pad to 128,
+    # cut at 128): ids here are whole texts, padded and cut by the data code to data.seq_len.
+    tok.no_padding()
+    tok.no_truncation()
     vocab = tok.get_vocab(with_added_tokens=True)
     missing = [n for n in SPECIAL_NAMES if not any(a in vocab for a in _ALIASES[n])]
     has_sentinels = "<extra_id_0>" in vocab

@@ -36,6 +36,10 @@ class Evaluator(Protocol):
         """Reference numbers that do not depend on the model (logged once per run), e.g. BM25."""
         ...
 
+    def describe_baseline(self, metrics: dict[str, float]) -> str:
+        """The line a run prints with `baseline()`'s numbers."""
+        ...
+
 
 def evaluate_all(evaluators: list, model: nn.Module, ctx: EvalContext) -> dict[str, float] | None:
     """The union of every evaluator's metrics (None if any was stopped by a signal).

@@ -36,6 +36,9 @@ class HeldOutLoss:
     def baseline(self) -> dict[str, float]:
         return {}
 
+    def describe_baseline(self, metrics: dict[str, float]) -> str:
+        return ""
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float] | None:
         obj, d = self.objective, ctx.dist

@@ -29,6 +29,9 @@ def build_retrieval_set(corpus, objective, val_blocks, batch_size: int, eval_bat
 class RetrievalSearch:
     """Searches every held-out query against every held-out document by cosine similarity.
 
+    Identical documents are one document of the search (`trainer.data.pairs`), and identical
+    queries count each other's positives as relevant (`retrieval_metrics`' `query_groups`).
+
     Every rank embeds everything (FSDP needs all ranks in each forward); the numbers are identical.
 
     Args:
@@ -44,12 +47,19 @@ class RetrievalSearch:
         r = self.retrieval
         if not r.query_texts:
             return {}
-        out = bm25_baseline(r.query_texts, r.document_texts, r.positives)
+        out = bm25_baseline(r.query_texts, r.document_texts, r.positives, query_groups=r.query_groups)
         return {f"bm25/{k}": v for k, v in out.items() if k in HEADLINE}
+
+    def describe_baseline(self, metrics: dict[str, float]) -> str:
+        """The line a run prints with the baseline's numbers."""
+        r = self.retrieval
+        return (f"BM25 baseline on the {len(r.query_texts)} held-out queries x {len(r.document_texts)} documents "
+                f"(the text the encoder sees): " + "  ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         r = self.retrieval
         q = embed_rows(model, r.queries, self.pad_id, self.pooling, ctx.batch_size, ctx.device, ctx.precision)
         d = embed_rows(model, r.documents, self.pad_id, self.pooling, ctx.batch_size, ctx.device, ctx.precision)
-        return {f"eval/{k}": v for k, v in retrieval_metrics(q @ d.T, r.positives).items()}
+        scores = q @ d.T  # (Q, D)
+        return {f"eval/{k}": v for k, v in retrieval_metrics(scores, r.positives, query_groups=r.query_groups).items()}

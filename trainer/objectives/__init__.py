@@ -29,17 +29,21 @@ def build_objective(kind: str, cfg, tokenizer=None) -> Objective:
     """Build the objective named `kind` (already resolved from `auto`) from `cfg.objective`.
 
     Its special ids (MASK, sentinels, BOS/EOS, PAD) and bytes per id come from `tokenizer`
-    (None: the byte tokenizer). Raises ConfigError for an unknown kind.
+    (None: the byte tokenizer). `cfg.z_loss` sets the language-model objectives' z-loss
+    coefficient. Raises ConfigError for an unknown kind.
     """
     if kind == "clm":
-        return CausalLM(tokenizer)
-    if kind == "mlm":
-        return MaskedLM(cfg.mask_prob, tokenizer)
-    if kind == "span":
-        return SpanCorruption(cfg.noise_density, cfg.mean_span, tokenizer)
-    if kind == "contrastive":
+        objective: Objective = CausalLM(tokenizer)
+    elif kind == "mlm":
+        objective = MaskedLM(cfg.mask_prob, tokenizer)
+    elif kind == "span":
+        objective = SpanCorruption(cfg.noise_density, cfg.mean_span, tokenizer)
+    elif kind == "contrastive":
         return Contrastive(cfg.temperature, cfg.pooling, PAD if tokenizer is None else tokenizer.pad_id)
-    raise ConfigError(f"objective={kind!r} is not valid; choose one of: {', '.join(OBJECTIVES)}.")
+    else:
+        raise ConfigError(f"objective={kind!r} is not valid; choose one of: {', '.join(OBJECTIVES)}.")
+    objective.z_loss = float(getattr(cfg, "z_loss", 0.0) or 0.0)  # PaLM z-loss on the training loss
+    return objective
 
 
 __all__ = ["Batch", "Objective", "CausalLM", "MaskedLM", "SpanCorruption", "Contrastive", "OBJECTIVES",

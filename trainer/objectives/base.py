@@ -22,6 +22,7 @@ class Objective:
 
     name = "base"
     rows_key = "x"  # the batch key whose first dim is the sample dim
+    z_loss = 0.0  # PaLM z-loss coefficient on the training loss (`cross_entropy_sum`); set by build_objective
 
     def prepare(self, blocks: torch.Tensor, gen: torch.Generator) -> Batch:
         raise NotImplementedError
@@ -84,13 +85,21 @@ class Specials:
         return int(self.token_bytes[targets.cpu()].sum())
 
 
-def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor,
+                      z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy in nats, number of argmax hits) of `logits` (..., V) against ids (...).
 
-    The softmax runs in fp32 whatever the autocast dtype.
+    The softmax runs in fp32 whatever the autocast dtype. `z_loss` > 0 adds PaLM's auxiliary
+    z-loss (Chowdhery et al. 2022, section 5: coef * log(Z)^2 per target, Z the softmax
+    normalizer, which keeps log Z near 0 and the logits from drifting) to the sum, but only while
+    gradients are recorded: the loss trained on (and logged as train/loss) includes it, a held-out
+    evaluation (under no_grad) scores the plain cross-entropy.
     """
     logits = logits.float()  # fp32 softmax: stable under bf16/fp16 autocast
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    loss = F.cross_entropy(flat, target.reshape(-1), reduction="sum")
+    if z_loss and torch.is_grad_enabled():
+        loss = loss + z_loss * torch.logsumexp(flat, dim=-1).square().sum()
     correct = (logits.argmax(-1) == target).sum()
     return loss, correct
 

@@ -25,4 +25,4 @@ class CausalLM(Objective):
         return batch["y"].numel()
 
     def loss(self, model, batch):
-        return cross_entropy_sum(model(batch["x"]), batch["y"])
+        return cross_entropy_sum(model(batch["x"]), batch["y"], self.z_loss)

@@ -7,6 +7,13 @@ other document in the *global* batch is a negative (in-batch negatives, DPR: Kar
 batch, with unit-norm embeddings and scale `s = 1 / temperature` (fixed, or learned as CLIP's
 `logit_scale`: Radford et al. 2021).
 
+Identical texts are never negatives of each other: with retrieval pairs, `prepare` gives every row
+the index of the first row holding the same query (`a_group`) and the same document (`b_group`),
+and document j is left out of query i's softmax when d_j equals d_i (two queries for one
+document) or q_j equals q_i (one query, two documents), as sentence-transformers' `no_duplicates`
+sampler keeps such rows out of one batch. Without this, two queries for one document cap the loss
+at ln 2 even with perfect embeddings. Self-supervised block rows carry no groups.
+
 When the global batch is split (trainer.grad_accum > 1, or DDP/FSDP ranks), a naive per-piece
 loss would see only the piece's own documents as negatives and change the objective. The loss
 therefore implements GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size
@@ -27,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.distributed import gather_rows, grad_sync, world
+from trainer.data.pairs import duplicate_groups
 from trainer.errors import ConfigError
 from trainer.objectives.base import Batch, Objective, split_rows
 from trainer.retrieval.embedding import POOLINGS, embed
@@ -38,9 +46,10 @@ def info_nce(q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor | float,
              same_document: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed InfoNCE of queries `q` (B, D) against documents `d` (B, D), positives on the diagonal.
 
-    `same_document` (B, B) bool, optional: True where documents i and j are the same text; those
-    off-diagonal entries are not negatives (masked out of the softmax). Returns (loss summed over
-    the B queries, number of queries whose top document is their own or an identical copy).
+    `same_document` (B, B) bool, optional: True where document j is not a negative of query i (the
+    same document text, or the same query text: `same_text`); those off-diagonal entries are masked
+    out of the softmax. Returns (loss summed over the B queries, number of queries whose top
+    document among the rest is their own).
     """
     with torch.autocast(q.device.type, enabled=False):  # scores in fp32 under any autocast
         scores = (q.float() @ d.float().T) * scale  # (B, B)
@@ -49,6 +58,16 @@ def info_nce(q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor | float,
         false_negative = same_document & ~torch.eye(len(q), dtype=torch.bool, device=q.device)
         scores = scores.masked_fill(false_negative, float("-inf"))
     return F.cross_entropy(scores, labels, reduction="sum"), (scores.argmax(-1) == labels).sum()
+
+
+def same_text(a_group: torch.Tensor, b_group: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: True where rows i and j hold the same query or the same document (the groups of
+    `duplicate_groups`, (B,) each): the entries `info_nce` must not count as negatives."""
+    return (a_group[:, None] == a_group[None, :]) | (b_group[:, None] == b_group[None, :])
+
+
+def _same_text(batch: Batch) -> torch.Tensor | None:
+    return same_text(batch["a_group"], batch["b_group"]) if "a_group" in batch else None
 
 
 def apply_learned_temperature(model: nn.Module, temperature: float) -> nn.Module:
@@ -121,6 +140,7 @@ class Contrastive(Objective):
                 mask = rows != self.pad_id
                 width = max(int(mask.sum(1).max()), 1) if len(rows) else 1  # drop all-padding columns
                 out[key], out[f"{key}_mask"] = rows[:, :width], mask[:, :width]
+                out[f"{key}_group"] = duplicate_groups(rows)  # (B,): identical rows share a group
             return out
         tokens = blocks[:, :-1]
         half = tokens.shape[1] // 2
@@ -160,7 +180,7 @@ class Contrastive(Objective):
         rank, world_size = world()
         if not (torch.is_grad_enabled() and model.training) or (world_size == 1 and self.mini_batches == 1):
             q, d = self._embed_pair(model, batch)
-            return info_nce(q, d, logit_scale(model, self.temperature))
+            return info_nce(q, d, logit_scale(model, self.temperature), _same_text(batch))
         return self._cached_loss(model, batch, rank, world_size)
 
     def _cached_loss(self, model: nn.Module, batch: Batch, rank: int, world_size: int):
@@ -179,9 +199,12 @@ class Contrastive(Objective):
         q_local, d_local = torch.cat(qs), torch.cat(ds)  # (B_rank, D)
         q_all = gather_rows(q_local, world_size).requires_grad_(True)  # 2. the global batch on every rank
         d_all = gather_rows(d_local, world_size).requires_grad_(True)
+        # Groups index the global batch (`prepare` saw all of it): gathered, they mask copies across ranks.
+        same = None if "a_group" not in batch else same_text(
+            gather_rows(batch["a_group"], world_size), gather_rows(batch["b_group"], world_size))  # (B, B)
         s_param = _logit_scale_param(model)
         with torch.enable_grad():
-            loss, correct = info_nce(q_all, d_all, logit_scale(model, self.temperature))  # 3. the global loss
+            loss, correct = info_nce(q_all, d_all, logit_scale(model, self.temperature), same)  # 3. the global loss
             grads = torch.autograd.grad(loss, [q_all, d_all, *([s_param] if s_param is not None else [])])
         lo = rank * rows
         gq, gd = grads[0][lo:lo + rows], grads[1][lo:lo + rows]

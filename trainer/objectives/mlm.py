@@ -42,4 +42,4 @@ class MaskedLM(Objective):
 
     def loss(self, model, batch):
         sel = batch["sel"]
-        return cross_entropy_sum(model(batch["x"], select=sel), batch["y"][sel])  # head on the predicted rows only
+        return cross_entropy_sum(model(batch["x"], select=sel), batch["y"][sel], self.z_loss)  # head on the predicted rows only

@@ -100,4 +100,4 @@ class SpanCorruption(Objective):
         return batch["tgt"].numel()
 
     def loss(self, model, batch):
-        return cross_entropy_sum(model(batch["src"], target=batch["tgt_in"]), batch["tgt"])
+        return cross_entropy_sum(model(batch["src"], target=batch["tgt_in"]), batch["tgt"], self.z_loss)

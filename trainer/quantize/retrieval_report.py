@@ -35,7 +35,8 @@ def compare_retrieval(variants: dict[str, tuple[nn.Module, str]], retrieval, pad
         q = embed_rows(model, retrieval.queries, pad_id, pooling, batch_size, device, precision)
         d = embed_rows(model, retrieval.documents, pad_id, pooling, batch_size, device, precision)
         rows[name] = {"precision": precision, "size_mb": state_dict_bytes(model.state_dict()) / MB,
-                      **retrieval_metrics(q @ d.T, retrieval.positives)}
+                      **retrieval_metrics(q @ d.T, retrieval.positives,
+                                           query_groups=getattr(retrieval, "query_groups", None))}
     timed_rows = retrieval.documents[:throughput_docs]
     names, times = list(variants), {name: [] for name in variants}
     for r in range(repeats + 1):  # the first round warms up (allocator, kernels) and is not counted

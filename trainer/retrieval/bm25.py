@@ -51,13 +51,14 @@ def bm25_scores(queries: list[bytes], documents: list[bytes]) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, len(documents))
 
 
-def bm25_baseline(queries: list[bytes], documents: list[bytes], positives, ks: tuple[int, ...] = (1, 10)
-                  ) -> dict[str, float]:
+def bm25_baseline(queries: list[bytes], documents: list[bytes], positives, ks: tuple[int, ...] = (1, 10),
+                  query_groups: torch.Tensor | None = None) -> dict[str, float]:
     """BM25 (`bm25_scores`) ranked and scored by `retrieval_metrics`, exactly as an encoder is.
 
     Args:
         queries: Q query texts (UTF-8). documents: D document texts searched for every query.
         positives: Q indices into `documents` (a list or a (Q,) int64 tensor).
+        query_groups: (Q,) optional: equal values mark identical queries (`positive_ranks`).
     Returns:
         The metrics of `retrieval_metrics`, plus "seconds": wall time of tokenizing, indexing and
         scoring (not of computing the metrics).
@@ -65,6 +66,6 @@ def bm25_baseline(queries: list[bytes], documents: list[bytes], positives, ks: t
     start = time.perf_counter()
     scores = bm25_scores(queries, documents)  # (Q, D)
     seconds = time.perf_counter() - start
-    out = retrieval_metrics(scores, torch.as_tensor(positives, dtype=torch.long), ks)
+    out = retrieval_metrics(scores, torch.as_tensor(positives, dtype=torch.long), ks, query_groups=query_groups)
     out["seconds"] = seconds
     return out

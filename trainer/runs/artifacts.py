@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config.schema import Config
 from trainer.errors import ConfigError
+from trainer.runs.checkpoints import checkpoint_weights, list_checkpoints, safe_load
 from trainer.runs.model import model_with_weights
 from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer_json, model_vocab_size
 
@@ -50,8 +51,6 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
 
 
 def _newest_checkpoint(run_dir: str) -> str | None:
-    from trainer.runs.checkpoints import list_checkpoints
-
     found = list_checkpoints(os.path.join(run_dir, "checkpoints"))
     return found[-1] if found else None
 
@@ -62,8 +61,6 @@ def read_run(run_dir: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
     Raises:
         ConfigError: no such directory, no weights, or no config in it (one sentence).
     """
-    from trainer.runs.checkpoints import safe_load
-
     if not os.path.isdir(run_dir):
         raise ConfigError(f"run_dir={run_dir} is not a directory; pass the run dir of a finished training run "
                           f"(e.g. outputs/<date>/<time>).")
@@ -73,16 +70,14 @@ def read_run(run_dir: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
         weights, config = _read_safetensors(st)
     elif os.path.isfile(pt):
         weights = safe_load(pt, what="weights file")
-    elif ck is not None:
-        weights = safe_load(ck, what="checkpoint")["model"]
+    elif ck is not None:  # a run stopped before its final weights: its newest checkpoint (.pt or .dcp)
+        weights, config = checkpoint_weights(ck)
     else:
         raise ConfigError(f"run_dir={run_dir} holds no weights ({WEIGHTS}, model.pt or checkpoints/step_*.pt); "
                           f"train it first or pass another run dir.")
     hydra_cfg = os.path.join(run_dir, ".hydra", "config.yaml")
     if config is None and os.path.isfile(hydra_cfg):
         config = OmegaConf.load(hydra_cfg)  # YAML through OmegaConf's safe loader
-    if config is None and ck is not None:
-        config = safe_load(ck, what="checkpoint").get("meta", {}).get("config")
     if config is None:
         raise ConfigError(f"run_dir={run_dir} has weights but no config (.hydra/config.yaml, the {WEIGHTS} "
                           f"header or a checkpoint); it cannot be rebuilt.")

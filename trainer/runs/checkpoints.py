@@ -1,14 +1,24 @@
 """Save and resume everything a step depends on: weights, optimizer, schedule, scaler, every RNG
 on every rank, and the step (which fixes the data position, see `data.BatchStream`).
 
-Files are `checkpoints/step_XXXXXXXX.pt`, written to a temporary name and renamed when complete;
-only complete files are ever listed or loaded.
+Two layouts, both written under a temporary name and renamed when complete (only complete ones are
+ever listed or loaded):
+
+- `checkpoints/step_XXXXXXXX.pt`: one file written by rank 0 (single process, DDP).
+- `checkpoints/step_XXXXXXXX.dcp/`: a `torch.distributed.checkpoint` (DCP) directory (FSDP): every
+  rank writes its own shard of the model and optimizer tensors (`__<rank>_0.distcp`), never gathered;
+  rank 0 adds `.metadata` and `extra.pt` (step, schedule, scaler, every rank's RNG, the optimizer's
+  hyper-parameters, train_state, meta; tensors and plain values only).
+
+Either layout resumes on any world size and parallel kind: DCP reshards on load, and a world size
+other than the saved one derives each rank's RNG from (seed, step, rank) (`restore`).
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
-import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -19,17 +29,10 @@ from omegaconf import OmegaConf
 
 from trainer.errors import ConfigError
 from trainer.distributed import Dist, unwrap
+from trainer.runs.checkpoint_files import EXTRA, is_complete, is_sharded, list_checkpoints, rotate  # noqa: F401
+from trainer.runs.dcp import dcp_metadata, full_model_state, safe_reader, save_sharded, wait_for_checkpoints  # noqa: F401
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
 FORMAT = 1
-
-
-def list_checkpoints(directory: str) -> list[str]:
-    """Complete checkpoint files in `directory`, oldest first."""
-    if not os.path.isdir(directory):
-        return []
-    names = sorted(n for n in os.listdir(directory) if _NAME.match(n))
-    return [os.path.join(directory, n) for n in names]
 
 
 def rng_state(gen: torch.Generator) -> dict:
@@ -47,6 +50,7 @@ def rng_state(gen: torch.Generator) -> dict:
 
 
 def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    """Restore the generators `rng_state` saved (this rank's)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
@@ -57,34 +61,50 @@ def set_rng_state(state: dict, gen: torch.Generator) -> None:
     gen.set_state(state["objective"])
 
 
-def _model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
-    if sharded:  # FSDP: every rank takes part in gathering full tensors; rank 0 writes them
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def derive_rng_state(seed: int, step: int, rank: int, objective: torch.Tensor, gen: torch.Generator) -> None:
+    """Seed this rank's generators from (seed, step, rank): a resume on another world size, where
+    no saved per-rank stream fits. The objective's generator (the same stream on every rank, it
+    draws the global batch's masks) continues from the saved `objective` state."""
+    s = ((seed * 1_000_003 + step) * 65_537 + rank) % (2 ** 63)
+    torch.manual_seed(s)  # CPU and every CUDA device
+    np.random.seed(s % (2 ** 32))
+    random.seed(s)
+    gen.set_state(objective)
 
-        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return unwrap(model).state_dict(), optimizer.state_dict()
 
-
-def save_checkpoint(directory: str, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, scaler: torch.amp.GradScaler, gen: torch.Generator, train_state: dict,
-                    meta: dict, keep: int, d: Dist, sharded: bool) -> str | None:
-    """Write `step_<step>.pt` atomically (rank 0), then prune to the newest `keep` files."""
-    model_sd, optim_sd = _model_optim_state(model, optimizer, sharded)
+def _gather_rngs(gen: torch.Generator, d: Dist) -> list:
     rngs = [rng_state(gen)]
     if d.world_size > 1:
         rngs = [None] * d.world_size
         dist.all_gather_object(rngs, rng_state(gen))
+    return rngs
+
+
+def save_checkpoint(directory: str, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: torch.amp.GradScaler, gen: torch.Generator, train_state: dict,
+                    meta: dict, keep: int, d: Dist, sharded: bool, async_save: bool = False) -> str | None:
+    """Write one checkpoint atomically, then prune to `keep`: this one and the newest `keep - 1`
+    others (a run dir holds one line of training: `trainer.runs.resume`). Every rank calls it.
+
+    sharded (FSDP): `step_<step>.dcp/`, each rank writing its own shard; with `async_save` the
+    tensors are staged to CPU memory and written in a background thread while training goes on
+    (renamed complete by the next save or `wait_for_checkpoints`). Otherwise `step_<step>.pt` from
+    rank 0. Returns the checkpoint's final path.
+    """
+    wait_for_checkpoints()
+    rngs = _gather_rngs(gen, d)
+    extra = {"format": FORMAT, "step": step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+             "rng": rngs, "train_state": train_state, "meta": meta}
+    if sharded:
+        return save_sharded(directory, step, model, optimizer, extra, keep, d, async_save)
     path = os.path.join(directory, f"step_{step:08d}.pt")
     if d.is_main:
         os.makedirs(directory, exist_ok=True)
-        payload = {"format": FORMAT, "step": step, "model": model_sd, "optimizer": optim_sd,
-                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                   "train_state": train_state, "meta": meta}
+        payload = {**extra, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
         tmp = path + ".tmp"
         torch.save(payload, tmp)
         os.replace(tmp, path)  # atomic: a reader sees the old set or the complete new file
-        for old in list_checkpoints(directory)[:-keep]:
-            os.remove(old)
+        rotate(directory, path, keep)
     if d.world_size > 1:
         dist.barrier()
     return path
@@ -100,11 +120,17 @@ def find_resume(resume: str, directory: str) -> str | None:
     if resume == "auto":
         found = list_checkpoints(directory)
         return found[-1] if found else None
-    path = os.path.expanduser(resume)
+    path = os.path.expanduser(resume).rstrip(os.sep) or os.sep
+    if is_sharded(path):
+        if not is_complete(path):
+            raise ConfigError(f"trainer.resume={resume!r} is an incomplete sharded checkpoint (no .metadata or "
+                              f"{EXTRA} in it); resume from a complete step_<N>.dcp.")
+        return path
     if os.path.isdir(path):
         found = list_checkpoints(path) or list_checkpoints(os.path.join(path, "checkpoints"))
         if not found:
-            raise ConfigError(f"trainer.resume={resume!r} is a directory with no step_*.pt checkpoint in it.")
+            raise ConfigError(f"trainer.resume={resume!r} is a directory with no step_*.pt or step_*.dcp "
+                              f"checkpoint in it.")
         return found[-1]
     if not os.path.isfile(path):
         raise ConfigError(f"trainer.resume={resume!r}: no such checkpoint file (use auto, never, or a path).")
@@ -118,8 +144,6 @@ def safe_load(path: str, what: str = "file", hint: str = "") -> Any:
     Raises ConfigError naming the file (which is left untouched) when it is unreadable, corrupt,
     or holds anything else, e.g. a crafted pickle that would run code when loaded.
     """
-    import pickle
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -133,13 +157,37 @@ def safe_load(path: str, what: str = "file", hint: str = "") -> Any:
 
 
 def read_checkpoint(path: str, meta: dict) -> dict:
-    """Load and check a checkpoint; a corrupt or incompatible file raises a one-sentence ConfigError."""
-    payload = safe_load(path, what="checkpoint", hint="move it aside or set trainer.resume=<another checkpoint>")
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
+    """Load and check a checkpoint; a corrupt or incompatible one raises a one-sentence ConfigError.
+
+    A sharded (`.dcp`) checkpoint returns its `extra.pt` with `"dcp": path`; its tensors are read
+    by `restore`, into whatever layout the live model has.
+    """
+    hint = "move it aside or set trainer.resume=<another checkpoint>"
+    sharded = is_sharded(path)
+    payload = safe_load(os.path.join(path, EXTRA) if sharded else path, what="checkpoint", hint=hint)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not (sharded or "model" in payload):
         raise ConfigError(f"checkpoint {path} is not a checkpoint of this trainer (format "
                           f"{payload.get('format') if isinstance(payload, dict) else '?'}); it was left as is.")
+    if sharded:
+        payload["dcp"] = path
     check_structure(payload, path, meta["structure"])
     return payload
+def checkpoint_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the full model state_dict on the CPU, the run's resolved config) of the checkpoint at `path`.
+
+    Raises:
+        ConfigError: not a checkpoint of this trainer, corrupt, or unsafe to load (one sentence).
+    """
+    payload = read_checkpoint(path, {"structure": {}})
+    if is_sharded(path):
+        weights = full_model_state(path)
+    else:
+        weights = {k: v.detach().cpu() for k, v in payload["model"].items()}
+    config = payload.get("meta", {}).get("config")
+    if not config:
+        raise ConfigError(f"checkpoint {path} records no config, so its weights cannot be described; "
+                          f"it was left as is.")
+    return weights, config
 
 
 def check_structure(payload: dict, path: str, structure: dict, defaults: dict | None = None) -> None:
@@ -156,33 +204,69 @@ def check_structure(payload: dict, path: str, structure: dict, defaults: dict | 
                               f"{key}={saved[key]} but this run has {key}={value}; it was left as is{hint}.")
 
 
+
+
+def _fqn_optim(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An `optimizer.state_dict()` (parameters numbered) keyed by parameter names instead, the
+    form `set_state_dict` takes; one already keyed by names is returned as is."""
+    if all(isinstance(p, str) for g in saved["param_groups"] for p in g["params"]):
+        return saved
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    live = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    ids = dict(zip((p for g in saved["param_groups"] for p in g["params"]), live))
+    return {"state": {ids[k]: v for k, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [ids[p] for p in g["params"]]} for g in saved["param_groups"]]}
+
+
+def _load_tensors(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> None:
+    """Weights and optimizer state from either layout into the live model's layout (resharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if "dcp" in payload:  # every rank reads the pieces of the saved shards it now owns
+        import torch.distributed.checkpoint as dcp  # heavy; only sharded checkpoints need it
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # this layout's tensors, filled in place
+        tensors = {"model": model_sd, "optim": optim_sd["state"]}
+        with warnings.catch_warnings():  # DCP warns when it loads in one process: a supported resume here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=safe_reader(payload["dcp"]),
+                     no_dist=not (dist.is_available() and dist.is_initialized()))
+        set_state_dict(model, optimizer, model_state_dict=model_sd,
+                       optim_state_dict={"state": optim_sd["state"], "param_groups": payload["optim_groups"]})
+    elif sharded:  # a full single-file checkpoint into FSDP: each rank keeps its shard of it
+        set_state_dict(model, optimizer, model_state_dict=payload["model"],
+                       optim_state_dict=_fqn_optim(payload["optimizer"], model, optimizer),
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        unwrap(model).load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+
+
 def restore(payload: dict, path: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
             scaler: torch.amp.GradScaler, gen: torch.Generator, d: Dist, sharded: bool) -> dict:
-    """Load a checked payload into the live objects; returns the saved train_state."""
-    try:
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Load a checked payload into the live objects; returns the saved train_state.
 
-            set_state_dict(model, optimizer, model_state_dict=payload["model"],
-                           optim_state_dict=payload["optimizer"],
-                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            unwrap(model).load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as e:
+    Any layout into any layout: a `.dcp` or `.pt` checkpoint, saved by any number of processes,
+    resumes under single, DDP or FSDP on any world size. With the saved world size each rank gets
+    its own saved RNG streams back; with another, each rank's are seeded from (seed, step, rank)
+    (`derive_rng_state`) and the objective's shared stream continues. Raises ConfigError when the
+    tensors do not fit this model.
+    """
+    try:
+        _load_tensors(payload, model, optimizer, sharded)
+    except (RuntimeError, KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:160]}); "
                           f"it was left as is.") from e
     scheduler.load_state_dict(payload["scheduler"])
     if payload["scaler"] and scaler.is_enabled():  # fp32/bf16 checkpoints carry no scaler state
         scaler.load_state_dict(payload["scaler"])
     rngs = payload["rng"]
-    if len(rngs) != d.world_size:
-        raise ConfigError(f"checkpoint {path} was saved by {len(rngs)} process(es) but this run has "
-                          f"{d.world_size}; resume with the same world size.")
-    set_rng_state(rngs[d.rank], gen)
+    if len(rngs) == d.world_size:
+        set_rng_state(rngs[d.rank], gen)
+    else:
+        seed = payload.get("meta", {}).get("config", {}).get("seed", 0)
+        derive_rng_state(seed, payload["step"], d.rank, rngs[0]["objective"], gen)
     return payload["train_state"]
-
-
 def structure(cfg) -> dict:
     """What a checkpoint's tensors depend on (checked on resume, for a one-sentence mismatch error)."""
     out = {f"model.{k}": v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()

@@ -6,6 +6,7 @@ import os
 import time
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config.schema import to_container
@@ -13,7 +14,8 @@ from trainer.data import blocks_of, corpus_tokenizer
 from trainer.distributed import Dist, unwrap
 from trainer.metrics import Logger, peak_memory_mb, write_summary
 from trainer.objectives import resolve_objective
-from trainer.quantize import finalize_qat, post_training_report
+from trainer.quantize import finalize_qat
+from trainer.quantize.post_training import post_training_report
 from trainer.runs.artifacts import save_weights
 
 
@@ -32,6 +34,11 @@ def announce(logger: Logger, cfg: DictConfig, run_dir: str, resume_path: str | N
     hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in components(cfg).items()}
     hp.update({f"model.{k}": v for k, v in to_container(cfg.model).items() if v is not None})
     hp.update({"optim.lr": cfg.optim.lr, "trainer.batch_size": cfg.trainer.batch_size, "seed": cfg.seed})
+    if HydraConfig.initialized():  # the job's own overrides: a sweep's varied keys in the HParams tab
+        for override in HydraConfig.get().overrides.task:
+            key, _, text = str(override).lstrip("+~").partition("=")
+            value = OmegaConf.select(cfg, key, default=text)  # typed (a group override: its option name)
+            hp[key] = value if isinstance(value, (int, float, str, bool)) else text
     logger.config(OmegaConf.to_yaml(cfg, resolve=True), hp, step)
     where = f"resuming from {resume_path} at step {step}" if resume_path else "starting"
     train = "streamed" if cfg.data.streaming else str(len(blocks_of(corpus, "train")))
@@ -70,3 +77,60 @@ def finish(cfg: DictConfig, summary: dict, model: torch.nn.Module, objective, co
                                                        retrieval=retrieval)
         write_summary(os.path.join(run_dir, "summary.json"), summary)
     return summary
+
+
+_RETRIEVAL = (("recall@1", "recall@1"), ("recall@10", "recall@10"), ("mrr@10", "MRR@10"), ("ndcg@10", "nDCG@10"))
+
+
+def headline(summary: dict) -> list[str]:
+    """The closing metric lines of a run, for its objective: contrastive runs their held-out search
+    (recall@1/@10, MRR@10, nDCG@10) and BM25 on the same search; language models loss, accuracy,
+    perplexity and bits per byte."""
+    def fmt(prefix: str) -> str:
+        return "  ".join(f"{name} {summary[f'{prefix}/{k}']:.3f}" for k, name in _RETRIEVAL
+                         if f"{prefix}/{k}" in summary)
+
+    loss = summary.get("eval/loss", float("nan"))
+    if summary.get("components", {}).get("objective") == "contrastive":
+        lines = [f"eval: loss {loss:.4f}  {fmt('eval')}"]
+        if any(f"bm25/{k}" in summary for k, _ in _RETRIEVAL):
+            lines.append(f"BM25 on the same search: {fmt('bm25')}")
+        return lines
+    parts = [f"loss {loss:.4f}"]
+    for key, name, spec in (("eval/accuracy", "accuracy", ".3f"), ("eval/perplexity", "perplexity", ".2f"),
+                            ("eval/bits_per_byte", "bits/byte", ".3f")):
+        if key in summary:
+            parts.append(f"{name} {format(summary[key], spec)}")
+    return ["eval: " + "  ".join(parts)]
+
+
+def next_commands(summary: dict) -> list[str]:
+    """The commands that apply to a finished run: TensorBoard, then generate/evaluate (decoders),
+    embed/evaluate (encoders), evaluate (encoder-decoders), and quantize when it was not."""
+    run_dir = summary["run_dir"]
+    arch = summary.get("components", {}).get("model", "decoder")
+    out = [f"tensorboard --logdir {run_dir}"]
+    if arch == "decoder":
+        out.append(f"python -m trainer.generate run_dir={run_dir} prompt='def main(' max_new_tokens=100")
+    if arch == "encoder":
+        out.append(f"python -m trainer.embed run_dir={run_dir} input=<texts.txt|.jsonl> output=<vectors.npy>")
+    out.append(f"python -m trainer.evaluate run_dir={run_dir}")
+    if summary.get("components", {}).get("quantize", "none") == "none":
+        out.append(f"python -m trainer.quantize run_dir={run_dir} quantize=dynamic_int8")
+    return out
+
+
+def closing_lines(summary: dict) -> list[str]:
+    """What a finished run prints last: where it is, its headline metrics, where it started from,
+    its summary and reports, and what to run next."""
+    run_dir = summary["run_dir"]
+    lines = [f"run dir: {run_dir}  eval/loss {summary.get('eval/loss', float('nan')):.4f}  "
+             f"summary: {os.path.join(run_dir, 'summary.json')}"]
+    lines += headline(summary)
+    if summary.get("init_from"):
+        lines.append(f"started from: {summary['init_from']} (model.init_from)")
+    if "quantize" in summary:
+        lines.append(f"quantization report: {os.path.join(run_dir, 'quantize.md')}")
+    lines.append("next:")
+    lines += [f"  {c}" for c in next_commands(summary)]
+    return lines
