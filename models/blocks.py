@@ -121,13 +121,13 @@ class MultiHeadAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, self.h * self.dh))  # (B, T, D)
 
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")  # model.activation
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2", "swiglu")  # model.activation
 PLACEMENTS = ("pre", "post")  # norm.placement
 
 
 class FeedForward(nn.Module):
     """Position-wise MLP: GELU (exact erf, or `gelu_tanh`: the tanh approximation of GPT-2's
-    `gelu_new`), ReLU, or SwiGLU (Shazeer 2020): one fused up-projection whose first d_ff rows are
+    `gelu_new`), ReLU, ReLU squared (`relu2`: Primer, So et al. 2021), or SwiGLU (Shazeer 2020): one fused up-projection whose first d_ff rows are
     the gate and the last d_ff the value, down(silu(gate) * value). `bias` adds biases to both."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False):
@@ -143,6 +143,8 @@ class FeedForward(nn.Module):
             h = F.silu(gate) * value
         elif self.activation == "relu":
             h = F.relu(h)
+        elif self.activation == "relu2":
+            h = F.relu(h).square()  # ReLU squared (So et al. 2021, "Primer"; modded-nanogpt)
         elif self.activation == "gelu_tanh":
             h = F.gelu(h, approximate="tanh")
         else:

@@ -78,7 +78,8 @@ def build_model(model_cfg, attention_cfg, position_cfg, norm_cfg, *, vocab_size:
     # The head predicts the ids below every bound given: the rows, the tokenizer's, model.num_tokens.
     num_tokens = min(n for n in (vocab_size, num_tokens, _get(m, "num_tokens", None)) if n is not None)
     model = Transformer(m.arch, vocab_size, m.d_model, encoder, decoder, tie_embeddings=m.tie_embeddings,
-                        head_scale=head_scale, num_tokens=num_tokens, token_types=_get(m, "token_types", 0))
+                        head_scale=head_scale, num_tokens=num_tokens, token_types=_get(m, "token_types", 0),
+                        logit_softcap=_get(m, "logit_softcap", None))
     init_weights(model)
     return model
 

@@ -80,12 +80,14 @@ class Transformer(nn.Module):
     probability on a padding row. `token_types` > 0 adds a token-type embedding table (BERT's
     segment embeddings) whose row 0 is added to every token (one segment). `head_scale`
     multiplies the hidden states entering the head (`post_norm_head_scale`; 1.0 = none).
+    `logit_softcap` (None: off) caps the logits to c * tanh(logits / c) (`logits`).
     """
 
     def __init__(self, arch: str, vocab_size: int, d_model: int, encoder: Stack | None,
                  decoder: Stack | None, tie_embeddings: bool = True, head_scale: float = 1.0,
-                 num_tokens: int | None = None, token_types: int = 0):
+                 num_tokens: int | None = None, token_types: int = 0, logit_softcap: float | None = None):
         super().__init__()
+        self.logit_softcap = logit_softcap
         self.arch, self.vocab_size, self.d_model = arch, vocab_size, d_model
         self.embed = nn.Embedding(vocab_size, d_model)
         self.embed_types = nn.Embedding(token_types, d_model) if token_types > 0 else None
@@ -111,10 +113,20 @@ class Transformer(nn.Module):
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) hidden states -> (..., vocab) logits; rows from `num_tokens` on are -inf."""
+        """(..., D) hidden states -> (..., vocab) logits; rows from `num_tokens` on are -inf.
+
+        With `logit_softcap` c the logits are c * tanh(logits / c) (Gemma 2, Team et al. 2024;
+        modded-nanogpt): bounded in (-c, c), ~unchanged while small (so the untrained loss stays
+        ~ln V). Every caller (loss, evaluation, generation) gets its logits here.
+        """
         weight = self.embed.weight if self.head is None else self.head.weight
         if self.head_scale != 1.0:
             hidden = hidden * self.head_scale  # (..., D): cheaper than scaling (..., V) logits
+        if self.logit_softcap is not None:
+            c = self.logit_softcap
+            out = c * torch.tanh(linear(hidden, weight) / c)  # (..., V)
+            # The padding rows' -inf is added after the cap (tanh would turn it into -c).
+            return out if self.head_bias is None else out + self.head_bias.to(out.dtype)
         if self.head_bias is None:
             return linear(hidden, weight)
         return linear(hidden, weight, self.head_bias.to(weight.dtype))

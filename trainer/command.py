@@ -96,6 +96,7 @@ def precheck(argv: list[str]) -> str | None:
 
     from trainer.config.validate import validate
     from trainer.distributed import launched_by_torchrun
+    from trainer.pretrained import apply_pretrained_config
     from trainer.runs.init_from import check_init_from
 
     try:
@@ -104,8 +105,9 @@ def precheck(argv: list[str]) -> str | None:
     except (HydraException, OmegaConfBaseException) as e:
         return one_sentence(e)
     try:  # the cross-field checks too, before Hydra creates a run dir for a run that cannot start
+        cfg = apply_pretrained_config(cfg, overrides)  # a pretrained folder defines the architecture
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), launched_by_torchrun())
-        check_init_from(cfg)
+        check_init_from(cfg, overrides)
         _check_resume(cfg, run_dir_arg(argv))
     except ConfigError as e:
         return str(e)

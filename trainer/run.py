@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from models.build import num_params
 from trainer.config.schema import to_container
@@ -25,6 +25,7 @@ from trainer.metrics import Logger, reset_peak_memory
 from trainer.objectives import build_objective, resolve_objective
 from trainer.optim import build_optimizer, build_scheduler, warmup_steps
 from trainer.precision import build_scaler
+from trainer.pretrained import apply_pretrained_config
 from trainer.runs import checkpoints as ckpt
 from trainer.runs.init_from import apply_init_from
 from trainer.runs.model import build_run_model
@@ -58,6 +59,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
     d = init_distributed("cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu",
                          cfg.parallel.timeout_s)
     try:
+        cfg = _with_pretrained(cfg, run_dir, d)
         validate(cfg, d.world_size, d.launched)
         with process_scope(cfg.trainer.threads) as received:
             t_start = time.perf_counter()
@@ -67,6 +69,19 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         if cfg.trainer.compile:
             reset_compile()  # a multirun's next job starts without this run's graphs and guards
         teardown(d)
+
+
+def _with_pretrained(cfg: DictConfig, run_dir: str, d: Dist) -> DictConfig:
+    """`cfg` with a pretrained `model.init_from` folder's architecture, tokenizer and pooling written
+    in (`trainer.pretrained.apply_pretrained_config`); the run dir's `.hydra/config.yaml`, which Hydra
+    wrote before the job started, is rewritten to match, so the saved config is what runs."""
+    applied = apply_pretrained_config(cfg)
+    hydra_yaml = os.path.join(run_dir, ".hydra", "config.yaml")
+    if applied is not cfg and d.is_main and os.path.isfile(hydra_yaml):
+        tmp = hydra_yaml + ".tmp"
+        OmegaConf.save(applied, tmp)
+        os.replace(tmp, hydra_yaml)
+    return applied
 
 
 @dataclass
@@ -97,12 +112,12 @@ def _finished_summary(r: Run) -> dict:
 
 
 def build_wrapped_model(cfg: DictConfig, device: torch.device, d: Dist,
-                        vocab_size: int) -> tuple[torch.nn.Module, int]:
+                        vocab_size: int, num_tokens: int | None = None) -> tuple[torch.nn.Module, int]:
     """The run's model with `model.init_from` applied and every transform (`apply_transforms`).
 
     Returns the wrapped model and its parameter count (benchmarks reuse this with their vocab).
     """
-    model = apply_init_from(build_run_model(cfg, vocab_size), cfg.model.init_from)
+    model = apply_init_from(build_run_model(cfg, vocab_size, num_tokens=num_tokens), cfg.model.init_from)
     n_params = num_params(model)
     return apply_transforms(model, cfg, device, d), n_params
 
@@ -142,7 +157,7 @@ def build(cfg: DictConfig, run_dir: str, d: Dist, received: list[int] | None = N
         tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
     seed_all(cfg.seed)  # identical init on every rank (FSDP shards each rank's local copy)
     vocab = model_vocab_size(tokenizer)
-    model, n_params = build_wrapped_model(cfg, device, d, vocab)
+    model, n_params = build_wrapped_model(cfg, device, d, vocab, num_tokens=tokenizer.vocab_size)
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps)
     scaler = build_scaler(cfg.precision.dtype, device, cfg.precision.init_scale)

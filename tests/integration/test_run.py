@@ -40,7 +40,8 @@ def test_decoder_does_not_beat_entropy_of_random_text(make_cfg, tmp_path):
 
 @pytest.mark.parametrize("extra", [[], ["model=encoder", "model.dropout=0.1"], ["model=encoder_decoder"],
                                    ["precision=bf16", "trainer.grad_accum=2"],
-                                   ["optim=muon", "schedule=wsd", "objective.z_loss=1e-4", "data.random_offsets=true"]])
+                                   ["optim=muon", "schedule=wsd", "objective.z_loss=1e-4", "data.random_offsets=true",
+                                    "model.activation=relu2", "model.logit_softcap=15", "model.qk_norm=true"]])
 def test_resume_continues_the_same_curve(make_cfg, tmp_path, extra):
     """A run interrupted after 5 steps and resumed logs the same per-step losses as an
     uninterrupted run (to 1e-6, also bf16): weights, optimizer, schedule, RNGs and data position restored."""

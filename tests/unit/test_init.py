@@ -130,3 +130,9 @@ def test_first_loss_is_near_uniform_with_recipe_choices(extra):
     with torch.no_grad():  # the plain cross-entropy (z-loss only joins the loss under autograd)
         loss = objective.loss(model, batch)[0].item() / objective.num_targets(batch)
     assert abs(loss - math.log(VOCAB_SIZE)) < 0.5, loss
+
+
+@pytest.mark.parametrize("extra", [["model.activation=relu2"], ["model.logit_softcap=15"],
+                                   ["model.activation=relu2", "model.logit_softcap=15", "model.qk_norm=true"]])
+def test_first_loss_is_near_uniform_with_recipe_model_choices(extra):
+    test_first_loss_is_near_uniform_with_recipe_choices(extra)

@@ -222,3 +222,35 @@ def test_recipe_choices_show_in_cfg_job(tmp_path):
         assert line in out.stdout, line
     assert isinstance(build_optimizer(_model("optim=muon")[1], compose_cfg("optim=muon").optim,
                                       torch.device("cpu")), MuonAdamW)
+
+
+def test_relu2_feed_forward_by_hand():
+    from models.blocks import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(8, 16, "relu2", bias=True)
+    x = torch.randn(2, 3, 8)
+    h = x @ ffn.up.weight.T + ffn.up.bias
+    expected = (torch.clamp(h, min=0) ** 2) @ ffn.down.weight.T + ffn.down.bias
+    torch.testing.assert_close(ffn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_softcap_caps_every_logit_and_keeps_padding_rows_out():
+    """c * tanh(z / c) of the uncapped logits, in forward and in KV-cached decoding; ids past
+    num_tokens stay -inf (not -c)."""
+    cfg, plain = _model("model.logit_softcap=null")
+    capped_cfg, capped = _model("model.logit_softcap=2.0", "model.num_tokens=300")
+    capped.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        plain.embed.weight.mul_(50)  # logits of tens of nats, so the cap matters
+        capped.embed.weight.mul_(50)
+        x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+        z = plain(x)
+        out = capped(x)
+        torch.testing.assert_close(out[..., :300], 2.0 * torch.tanh(z[..., :300] / 2.0), rtol=1e-5, atol=1e-5)
+        assert out[..., :300].abs().max() <= 2.0 and z.abs().max() > 10  # tanh saturates to 1.0 in fp32
+        assert torch.isinf(out[..., 300:]).all() and (out[..., 300:] < 0).all()
+        cache = capped.new_cache()
+        steps = [capped.decode(x[:, :6], cache)[:, -1]] + [capped.decode(x[:, i:i + 1], cache)[:, -1]
+                                                           for i in range(6, 12)]
+        torch.testing.assert_close(torch.stack(steps[1:], 1)[..., :300], out[:, 6:, :300], rtol=1e-4, atol=1e-4)

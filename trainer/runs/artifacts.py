@@ -1,4 +1,5 @@
-"""load_model(run_dir) -> (model, tokenizer, config): the one reader of a finished run.
+"""load_model(run_dir) -> (model, tokenizer, config): the one loader of a finished run (or a
+pretrained model folder) for every tool.
 
 Nothing read here executes code: weights come from `model.safetensors` (safetensors) or, for
 older runs, `model.pt` / the newest checkpoint through `torch.load(weights_only=True)`; the
@@ -6,87 +7,19 @@ config is JSON (the safetensors header) or YAML (`.hydra/config.yaml`).
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from trainer.config.schema import Config
 from trainer.errors import ConfigError
-from trainer.runs.checkpoints import checkpoint_weights, list_checkpoints, safe_load
+from trainer.pretrained import pretrained_folder
+from trainer.pretrained.load import load_pretrained_model
 from trainer.runs.model import model_with_weights
 from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer_json, model_vocab_size
 
-WEIGHTS = "model.safetensors"
-
-
-def save_weights(weights: dict[str, torch.Tensor], path: str, config: dict) -> None:
-    """Write a state_dict as safetensors (contiguous CPU tensors), with the resolved run config
-    as JSON in the header (`config`), atomically (temporary name, then rename).
-
-    Tied weights are stored once: the state_dict holds `embed.weight` only (the head reuses it).
-    """
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "trainer", "config": json.dumps(config)})
-    os.replace(tmp, path)
-
-
-def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # truncated, not a safetensors file, bad header ...
-        raise ConfigError(f"weights file {path} could not be loaded: it is corrupt or unreadable "
-                          f"({type(e).__name__}); it was left as is.") from e
-    config = json.loads(meta["config"]) or None if "config" in meta else None
-    return weights, config
-
-
-def _newest_checkpoint(run_dir: str) -> str | None:
-    found = list_checkpoints(os.path.join(run_dir, "checkpoints"))
-    return found[-1] if found else None
-
-
-def read_run(run_dir: str) -> tuple[dict[str, torch.Tensor], DictConfig]:
-    """The final weights and the resolved config of `run_dir` (checked against the schema).
-
-    Raises:
-        ConfigError: no such directory, no weights, or no config in it (one sentence).
-    """
-    if not os.path.isdir(run_dir):
-        raise ConfigError(f"run_dir={run_dir} is not a directory; pass the run dir of a finished training run "
-                          f"(e.g. outputs/<date>/<time>).")
-    weights = config = None
-    st, pt, ck = os.path.join(run_dir, WEIGHTS), os.path.join(run_dir, "model.pt"), _newest_checkpoint(run_dir)
-    if os.path.isfile(st):
-        weights, config = _read_safetensors(st)
-    elif os.path.isfile(pt):
-        weights = safe_load(pt, what="weights file")
-    elif ck is not None:  # a run stopped before its final weights: its newest checkpoint (.pt or .dcp)
-        weights, config = checkpoint_weights(ck)
-    else:
-        raise ConfigError(f"run_dir={run_dir} holds no weights ({WEIGHTS}, model.pt or checkpoints/step_*.pt); "
-                          f"train it first or pass another run dir.")
-    hydra_cfg = os.path.join(run_dir, ".hydra", "config.yaml")
-    if config is None and os.path.isfile(hydra_cfg):
-        config = OmegaConf.load(hydra_cfg)  # YAML through OmegaConf's safe loader
-    if config is None:
-        raise ConfigError(f"run_dir={run_dir} has weights but no config (.hydra/config.yaml, the {WEIGHTS} "
-                          f"header or a checkpoint); it cannot be rebuilt.")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), config)
-    except Exception as e:
-        raise ConfigError(f"the config of run_dir={run_dir} does not fit this trainer's schema "
-                          f"({str(e).splitlines()[0]}).") from e
-    return weights, cfg  # type: ignore[return-value]
+from trainer.runs.run_files import WEIGHTS, read_run, save_weights  # noqa: F401 (the run's files)
 
 
 def load_tokenizer(run_dir: str, cfg: DictConfig) -> ByteTokenizer | HFTokenizer:
@@ -117,8 +50,11 @@ def load_model(run_dir: str, device: str | torch.device = "cpu"
     Raises:
         ConfigError: missing run dir, no weights or config, corrupt or mismatched files.
     """
+    if pretrained_folder(str(run_dir), os.environ.get("TRAINER_CACHE", "~/.cache/trainer")) is not None:
+        return load_pretrained_model(str(run_dir), device)
     run_dir = os.path.abspath(os.path.expanduser(str(run_dir)))
     weights, cfg = read_run(run_dir)
     tokenizer = load_tokenizer(run_dir, cfg)
-    model = model_with_weights(cfg, weights, run_dir, vocab_size=model_vocab_size(tokenizer))
+    model = model_with_weights(cfg, weights, run_dir, vocab_size=model_vocab_size(tokenizer),
+                               num_tokens=tokenizer.vocab_size)
     return model.to(device), tokenizer, cfg

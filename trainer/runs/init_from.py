@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 
 from trainer.errors import ConfigError
+from trainer.runs.checkpoints import safe_load
+from trainer.runs.run_files import read_run
 from trainer.pretrained import VOCAB_KEYS, apply_pretrained_config, fit_vocab_rows, is_model_folder, pretrained_weights
 
 OPTIONAL = {"logit_scale"}  # a parameter the source may lack (a contrastive run's learned temperature)
@@ -18,8 +20,6 @@ def _read(source: str) -> dict[str, torch.Tensor]:
     if is_model_folder(path):
         return pretrained_weights(path)
     if os.path.isdir(path):
-        from trainer.runs.artifacts import read_run
-
         return read_run(path)[0]
     if os.path.isfile(path) and path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -29,8 +29,6 @@ def _read(source: str) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ConfigError(f"model.init_from={source}: the weights file could not be read ({type(e).__name__}).") from e
     if os.path.isfile(path):
-        from trainer.runs.checkpoints import safe_load
-
         weights = safe_load(path, what="weights file")
         return weights.get("model", weights)
     raise ConfigError(f"model.init_from={source}: no such run dir or weights file.")
