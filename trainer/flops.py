@@ -104,3 +104,24 @@ def peak_flops(device: torch.device, precision: str, cache_dir: str | None = Non
         json.dump(cache, f, indent=1)
     os.replace(tmp, path)
     return cache[key]
+
+
+# Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, by a fragment of
+# torch.cuda.get_device_name and precision; fp32 is the TF32 tensor-core rate. First match wins.
+DATASHEET_PEAKS = (
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),  # SXM
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+)
+
+
+def datasheet_peak(device: torch.device, precision: str) -> float | None:
+    """The vendor's published dense peak FLOP/s of `device` at `precision` (`DATASHEET_PEAKS`), or
+    None where none is listed (every CPU: their peak depends on the instruction set and clocks,
+    so only the measured one is reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks.get(precision) for frag, peaks in DATASHEET_PEAKS if frag in name), None)

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from models.build import num_params
+from models.ops.backend import attention_backend
 from trainer.config.schema import to_container
 from trainer.config.validate import validate
 from trainer.data import corpus_tokenizer, blocks_of, model_vocab_size
@@ -19,12 +20,12 @@ from trainer.distributed import Dist, init_distributed, resolve_device, teardown
 from trainer.errors import ConfigError, StopRequested
 from trainer.evaluation.heldout import HeldOutLoss
 from trainer.evaluation.retrieval import RetrievalSearch, build_retrieval_set
-from trainer.flops import peak_flops, train_flops_per_token
+from trainer.flops import datasheet_peak, peak_flops, train_flops_per_token
 from trainer.loop import Loop, TrainState, evaluate, fit
 from trainer.metrics import Logger, reset_peak_memory
 from trainer.objectives import build_objective, resolve_objective
 from trainer.optim import build_optimizer, build_scheduler, warmup_steps
-from trainer.precision import build_scaler
+from trainer.precision import DTYPES, build_scaler
 from trainer.pretrained import apply_pretrained_config
 from trainer.runs import checkpoints as ckpt
 from trainer.runs.init_from import apply_init_from
@@ -66,7 +67,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
             r = build(cfg, run_dir, d, received)
             return train(r, t_start)
     finally:
-        if cfg.trainer.compile:
+        if str(cfg.trainer.compile).lower() != "false":
             reset_compile()  # a multirun's next job starts without this run's graphs and guards
         teardown(d)
 
@@ -225,6 +226,22 @@ def build(cfg: DictConfig, run_dir: str, d: Dist, received: list[int] | None = N
                flops_per_token=fpt, peak_flops=peak, ckpt_dir=ckpt_dir, already_complete=already_complete)
 
 
+def _hardware_facts(cfg: DictConfig, device: torch.device, summary: dict, world_size: int) -> dict:
+    """Which attention implementation ran, and MFU against the datasheet peak where one is known
+    (beside `mfu`, against the measured peak)."""
+    m = cfg.model
+    heads = m.num_heads
+    head_dim = m.head_dim or m.d_model // heads
+    dtype = DTYPES[cfg.precision.dtype]
+    out = {"attention_backend": attention_backend(cfg.attention.kind, device, dtype, cfg.data.seq_len, heads,
+                                                  head_dim, causal=m.arch != "encoder", dropout=m.attn_dropout)}
+    sheet = datasheet_peak(device, cfg.precision.dtype)
+    out["peak_flops_datasheet"] = sheet * world_size if sheet else None
+    if sheet:
+        out["mfu_datasheet"] = summary.get("train/tokens_per_sec", 0.0) * summary["flops_per_token"] / (sheet * world_size)
+    return out
+
+
 def train(r: Run, t_start: float) -> dict:
     """Fit a built run to `trainer.max_steps` (or `steps_per_run` more), save, and finish."""
     cfg, lp, d, state = r.cfg, r.loop, r.loop.dist, r.state
@@ -258,10 +275,11 @@ def train(r: Run, t_start: float) -> dict:
     if not complete and d.is_main:
         lp.logger.message(f"paused at step {state.step} of {cfg.trainer.max_steps} after trainer.steps_per_run="
                           f"{cfg.trainer.steps_per_run} steps; checkpoint saved.")
-    summary = {"components": components(cfg), "parameters": r.n_params, "steps": state.step,
+    summary = {"components": components(cfg, lp.device), "parameters": r.n_params, "steps": state.step,
                "complete": complete, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
                "flops_per_token": r.flops_per_token, "peak_flops": r.peak_flops, "world_size": d.world_size,
                "device": str(lp.device), "run_dir": r.run_dir, "setup_time_s": t_fit - t_start,
                "train_time_s": time.perf_counter() - t_fit, "init_from": cfg.model.init_from, **state.last}
+    summary.update(_hardware_facts(cfg, lp.device, summary, d.world_size))
     search = next((ev.retrieval for ev in lp.evaluators if hasattr(ev, "retrieval")), None)
     return finish(cfg, summary, lp.model, lp.objective, r.corpus, lp.device, d, t_start, search)

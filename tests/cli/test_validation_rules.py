@@ -36,6 +36,7 @@ RULES = [
     pytest.param(["schedule.name=step"], ["schedule=", "step", "cosine"], None, id="schedule-name-choice"),
     pytest.param(["model.activation=tanh"], ["model.activation", "tanh"], None, id="activation-choice"),
     pytest.param(["trainer.device=tpu"], ["trainer.device", "tpu", "cpu"], None, id="device-choice"),
+    pytest.param(["trainer.compile=maybe"], ["trainer.compile", "maybe", "auto"], None, id="compile-choice"),
     # ---- model sizes
     pytest.param(["model.d_model=0"], ["model.d_model=0", "> 0"], None, id="d-model-positive"),
     pytest.param(["model.num_layers=-1"], ["model.num_layers=-1", "> 0"], None, id="num-layers-positive"),

@@ -181,7 +181,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | <path to a checkpoint file or directory>
     steps_per_run: Optional[int] = None  # stop (checkpointed) after this many steps in one invocation
     grad_clip: float = 1.0
-    compile: bool = False
+    compile: str = "auto"  # auto (compile on CUDA, eager on CPU where it measured no gain) | true | false
     device: str = "auto"
     threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     progress: bool = True

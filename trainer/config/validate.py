@@ -29,6 +29,7 @@ from trainer.precision import PRECISIONS
 from trainer.quantize import QUANTIZE
 from trainer.retrieval.embedding import POOLINGS
 from trainer.transforms.checkpointing import AC_MODES
+from trainer.transforms.compile import COMPILE_CHOICES
 from trainer.transforms.parallel import PARALLELS
 
 
@@ -204,6 +205,9 @@ def _validate_retrieval(cfg: DictConfig | Config, objective: str) -> None:
 
 def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool) -> None:
     t, o = cfg.trainer, cfg.optim
+    if str(t.compile).lower() not in COMPILE_CHOICES:
+        raise ConfigError(f"trainer.compile={t.compile!r} is not valid; choose one of: {', '.join(COMPILE_CHOICES)} "
+                          f"(auto: compile on CUDA, eager on CPU).")
     for key in ("batch_size", "grad_accum", "eval_every", "eval_batches",
                 "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(getattr(t, key), f"trainer.{key}")

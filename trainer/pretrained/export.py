@@ -89,8 +89,8 @@ def complete_state(model: nn.Module, cfg: DictConfig, family: str, vocab_size: i
     if family in ("bert", "roberta") and "embed_types.weight" not in state:
         state["embed_types.weight"] = torch.zeros(1, cfg.model.d_model)
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or f"{name}.weight" not in state or f"{name}.bias" in state:
-            continue
+        if not isinstance(module, nn.Linear) or ".blocks." not in name or f"{name}.bias" in state:
+            continue  # the biases in question are the blocks' (an untied LM head has none in any family)
         if family in ALWAYS_BIASED or (family == "qwen3" and name.endswith("self_attn.out")
                                        and f"{name[:-3]}qkv.bias" in state):
             state[f"{name}.bias"] = torch.zeros(module.out_features)

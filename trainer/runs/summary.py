@@ -17,21 +17,23 @@ from trainer.objectives import resolve_objective
 from trainer.quantize import finalize_qat
 from trainer.quantize.post_training import post_training_report
 from trainer.runs.artifacts import save_weights
+from trainer.transforms.compile import compile_enabled
 
 
-def components(cfg: DictConfig) -> dict:
-    """The run's choice in every config group (the sweep report's and HParams' columns)."""
+def components(cfg: DictConfig, device: torch.device | None = None) -> dict:
+    """The run's choice in every config group (the sweep report's and HParams' columns); `compile`
+    is whether the blocks were compiled on `device` (trainer.compile=auto decides by device)."""
     return {"model": cfg.model.arch, "attention": cfg.attention.kind, "position": cfg.position.kind,
             "norm": cfg.norm.kind, "norm.placement": cfg.norm.placement,
             "objective": resolve_objective(cfg.model.arch, cfg.objective.kind), "data": cfg.data.source,
             "precision": cfg.precision.dtype, "parallel": cfg.parallel.kind, "quantize": cfg.quantize.method,
-            "optim": cfg.optim.name, "schedule": cfg.schedule.name, "compile": cfg.trainer.compile}
+            "optim": cfg.optim.name, "schedule": cfg.schedule.name, "compile": compile_enabled(cfg.trainer.compile, device or torch.device("cpu"))}
 
 
 def announce(logger: Logger, cfg: DictConfig, run_dir: str, resume_path: str | None, step: int,
              n_params: int, corpus, device: torch.device, d: Dist) -> None:
     """Config text + HParams to TensorBoard, and one line saying what this run is."""
-    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in components(cfg).items()}
+    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in components(cfg, device).items()}
     hp.update({f"model.{k}": v for k, v in to_container(cfg.model).items() if v is not None})
     hp.update({"optim.lr": cfg.optim.lr, "trainer.batch_size": cfg.trainer.batch_size, "seed": cfg.seed})
     if HydraConfig.initialized():  # the job's own overrides: a sweep's varied keys in the HParams tab

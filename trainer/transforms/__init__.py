@@ -13,7 +13,7 @@ import torch.nn as nn
 from trainer.distributed import Dist
 from trainer.quantize import apply_qat
 from trainer.transforms.checkpointing import apply_activation_checkpointing
-from trainer.transforms.compile import apply_compile
+from trainer.transforms.compile import apply_compile, compile_enabled
 from trainer.transforms.parallel import apply_parallel
 
 
@@ -31,5 +31,5 @@ def apply_transforms(model: nn.Module, cfg, device: torch.device, d: Dist) -> nn
     model.to(device)
     t = cfg.trainer
     model = apply_activation_checkpointing(model, t.get("activation_checkpointing", "none"), t.get("ac_every", 2))
-    model = apply_compile(model, t.compile)
+    model = apply_compile(model, compile_enabled(t.compile, device))
     return apply_parallel(model, cfg.parallel.kind, device, d, cfg.precision.dtype)

@@ -20,6 +20,22 @@ def compiled_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, Block)]
 
 
+COMPILE_CHOICES = ("auto", "true", "false")  # trainer.compile
+
+
+def compile_enabled(choice: str | bool, device: torch.device) -> bool:
+    """Whether `trainer.compile=<choice>` compiles on `device`: true, false, or auto = on CUDA only.
+
+    auto keeps eager on CPU, where regional compile measured no step-time gain for the default
+    sizes (docs/benchmarks/compile_*.md), and compiles on GPUs, where it fuses the launch-bound
+    elementwise work (docs/performance.md). Raises ValueError for another value.
+    """
+    value = str(choice).lower()
+    if value not in COMPILE_CHOICES:
+        raise ValueError(f"trainer.compile={choice!r} is not valid; choose one of: {', '.join(COMPILE_CHOICES)}.")
+    return value == "true" or (value == "auto" and device.type == "cuda")
+
+
 def apply_compile(model: nn.Module, enabled: bool) -> nn.Module:
     """Compile each transformer block in place (regional compile); returns `model` itself.
 
