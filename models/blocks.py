@@ -127,8 +127,9 @@ PLACEMENTS = ("pre", "post")  # norm.placement
 
 class FeedForward(nn.Module):
     """Position-wise MLP: GELU (exact erf, or `gelu_tanh`: the tanh approximation of GPT-2's
-    `gelu_new`), ReLU, ReLU squared (`relu2`: Primer, So et al. 2021), or SwiGLU (Shazeer 2020): one fused up-projection whose first d_ff rows are
-    the gate and the last d_ff the value, down(silu(gate) * value). `bias` adds biases to both."""
+    `gelu_new`), ReLU, ReLU squared (`relu2`: Primer, So et al. 2021), or SwiGLU (Shazeer 2020):
+    one fused up-projection whose first d_ff rows are the gate and the last d_ff the value,
+    down(silu(gate) * value). `bias` adds biases to both."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False):
         super().__init__()

@@ -216,3 +216,11 @@ def test_output_folder_is_replaced_only_whole(tmp_path):
     wte = load_file(str(out / "model.safetensors"))["transformer.wte.weight"]
     assert torch.equal(wte, model.embed.weight[:tok.vocab_size])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "taken"]
+
+
+def test_cli_help_and_missing_output(tmp_path):
+    """`--help` lists both keys (exit 0); a missing output= is one sentence, exit 2."""
+    r = run_cli("--help", module="trainer.export")
+    assert r.returncode == 0 and "run_dir=null" in r.stdout and "output=null" in r.stdout
+    r = run_cli(f"run_dir={tmp_path}", module="trainer.export")
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "output=" in r.stderr

@@ -26,7 +26,8 @@ VOCAB = 320
 def _model(*overrides: str):
     cfg = compose_cfg(*overrides)
     torch.manual_seed(0)
-    return cfg, build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB, max_len=cfg.data.seq_len)
+    return cfg, build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB,
+                            max_len=cfg.data.seq_len)
 
 
 def _loss(model, seed: int) -> torch.Tensor:

@@ -107,8 +107,9 @@ class DataConfig:
     corpus_files: List[str] = field(default_factory=list)  # data=pairs: extra documents to search (.jsonl/.txt)
     cache_dir: str = "${oc.env:TRAINER_CACHE,${oc.env:HOME}/.cache/trainer}"
     # Training windows start at random token offsets drawn per step from (seed, step) (nanoGPT's
-    # sampling) instead of the store's fixed blocks; held-out blocks stay fixed.
-    random_offsets: bool = False
+    # sampling) instead of the store's fixed blocks; held-out blocks stay fixed. None (auto): on for
+    # token-store data, off for data=pairs and data.streaming (which have no token stream to cut).
+    random_offsets: Optional[bool] = None
 
 
 @dataclass
@@ -139,6 +140,9 @@ class QuantizeConfig:
     compile: str = "both"  # latency rows: false (eager) | true (torch.compile) | both
     context_budget_mb: float = 256.0  # contrastive runs: longest document per attention kernel within this
     max_context: Optional[int] = None  # ... trying lengths up to this (None: 16 x data.seq_len)
+    # The token embedding in int8 (weight-only) too; None: true for encoders, false for decoders
+    # and encoder-decoders (their tied LM head keeps full-precision logits). trainer.quantize.embedding.
+    embeddings: Optional[bool] = None
 
 
 @dataclass

@@ -274,7 +274,7 @@ def _validate_recipe(cfg: DictConfig | Config, objective: str) -> None:
     cap = cfg.model.logit_softcap
     if cap is not None:
         _positive(cap, "model.logit_softcap")
-    if cfg.data.random_offsets and (cfg.data.streaming or cfg.data.source == "pairs"):
+    if cfg.data.random_offsets is True and (cfg.data.streaming or cfg.data.source == "pairs"):
         what = "data.streaming=true" if cfg.data.streaming else "data=pairs"
         raise ConfigError(f"data.random_offsets=true cuts windows from the token store, which {what} does not "
                           f"read; set data.random_offsets=false.")

@@ -37,4 +37,12 @@ def build_batch_stream(cfg, corpus, d: Dist):
     if cfg.data.streaming:
         return StreamingBatches(cfg.data, cfg.seed, corpus.tokenizer, cfg.trainer.batch_size, d, corpus.skip_docs)
     return BatchStream(blocks_of(corpus, "train"), cfg.trainer.batch_size, cfg.seed,
-                       random_offsets=cfg.data.random_offsets)
+                       random_offsets=random_offsets(cfg.data))
+
+
+def random_offsets(data_cfg) -> bool:
+    """Whether training windows start at random offsets: `data.random_offsets`, or when unset (auto)
+    for every source read from the token store (not data=pairs, not data.streaming)."""
+    if data_cfg.random_offsets is not None:
+        return bool(data_cfg.random_offsets)
+    return data_cfg.source != "pairs" and not data_cfg.streaming

@@ -42,4 +42,5 @@ class MaskedLM(Objective):
 
     def loss(self, model, batch):
         sel = batch["sel"]
-        return cross_entropy_sum(model(batch["x"], select=sel), batch["y"][sel], self.z_loss)  # head on the predicted rows only
+        logits = model(batch["x"], select=sel)  # (N, V): the head on the predicted rows only
+        return cross_entropy_sum(logits, batch["y"][sel], self.z_loss)

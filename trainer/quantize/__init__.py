@@ -1,7 +1,9 @@
 """Quantization on torchao: post-training methods, QAT, and the size/latency/quality report.
 
-Only the nn.Linear layers inside the transformer blocks (nearly all weights and FLOPs) are
-quantized; the token embedding (and LM head tied to it), norms and positions stay full precision.
+The nn.Linear layers inside the transformer blocks (nearly all FLOPs) are quantized, and with
+`quantize.embeddings` (default: on for encoders) the token embedding too, to int8 weight-only
+(`embedding.py`); norms, positions, biases and a decoder's LM head stay full precision.
+`formats.py` says which tensors end up in which format.
 dynamic_int8 / weight_int8: torchao's Int8DynamicActivationInt8WeightConfig / Int8WeightOnlyConfig.
 weight_int4: torchao's Int4WeightOnlyConfig where it has a kernel (CUDA + mslk), else the fallback
 trainer.qlinear.Int4WeightLinear. qat_int8: torchao.quantization.qat fake quantization in training,
@@ -18,6 +20,7 @@ from models.blocks import Block
 from trainer.errors import ConfigError
 from trainer.data.tokenizer import VOCAB_SIZE
 from trainer.runs.model import build_run_model, model_with_weights, weights_vocab
+from trainer.quantize.embedding import apply_embedding_int8, quantize_embeddings
 from trainer.quantize.int4_linear import INT4_FUSED_GROUPS, Int4WeightLinear
 from trainer.quantize.report import (compare_variants, cpu_features, cpu_flags, format_table,  # noqa: F401
                                      prepare_batches, state_dict_bytes, tensor_bytes)
@@ -26,6 +29,7 @@ PTQ_METHODS = ("dynamic_int8", "weight_int8", "weight_int4")
 METHODS = (*PTQ_METHODS, "qat_int8")
 QUANTIZE = ("none", *METHODS)  # quantize=<method>
 FULL_PRECISION = "token embedding and LM head (tied by default), norms, position parameters"
+FULL_PRECISION_INT8_EMBEDDING = "norms, position parameters, biases, an untied LM head (token embedding: int8)"
 TESTED = "torch 2.13.0 + torchao 0.18.0"
 FALLBACK = "trainer.quantize.int4_linear.Int4WeightLinear"
 
@@ -61,6 +65,16 @@ def _block_children(model: nn.Module, types: tuple) -> list[tuple[str, nn.Module
                     if isinstance(child, types):
                         found.append((".".join(p for p in (block_name, parent_name, attr) if p), parent, attr, child))
     return found
+
+
+def block_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(full name, parent, attribute, layer) of every block linear, quantized by the int4 fallback or not."""
+    return _block_children(model, (nn.Linear, Int4WeightLinear))
+
+
+def full_precision(embeddings: bool) -> str:
+    """What a quantized model keeps in full precision (the report's wording)."""
+    return FULL_PRECISION_INT8_EMBEDDING if embeddings else FULL_PRECISION
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
@@ -132,27 +146,31 @@ def _only_block_linears(model: nn.Module):
     return lambda module, fqn: id(module) in ids
 
 
-def apply_ptq(model: nn.Module, method: str, group_size: int = 32) -> nn.Module:
+def apply_ptq(model: nn.Module, method: str, group_size: int = 32, embeddings: bool | None = None) -> nn.Module:
     """Quantize the block linears of `model` in place with torchao (int4 on a device without a
-    torchao kernel: the trainer.qlinear fallback); returns it.
+    torchao kernel: the trainer.qlinear fallback), and its token embedding to int8 weight-only
+    when `embeddings` says so; returns it.
 
     Args:
         model: a float model, or one prepared by apply_qat (then it is converted).
         method: dynamic_int8 | weight_int8 | weight_int4 | qat_int8.
         group_size: weight_int4 only: inputs per scale/zero pair.
+        embeddings: quantize.embeddings; None: True for an encoder, False otherwise
+            (`embedding.quantize_embeddings`).
     """
     plan(method, torch.device("cpu"))  # a ConfigError for an unknown method
     tq = _ao()
     if any(isinstance(m, tq.qat.FakeQuantizedLinear) for m in model.modules()):
         tq.quantize_(model, tq.qat.QATConfig(step="convert"))  # back to nn.Linear, trained weights kept
+    with_table = quantize_embeddings(embeddings, model)
     if method == "weight_int4":
         check_group_size(model, group_size)
         if not _int4_on_torchao(next(model.parameters()).device):
             for _, parent, attr, lin in block_linears(model):
                 setattr(parent, attr, Int4WeightLinear.from_float(lin, group_size))
-            return model
+            return apply_embedding_int8(model, tq) if with_table else model
     tq.quantize_(model, _ptq_config(method, group_size), filter_fn=_only_block_linears(model))
-    return model
+    return apply_embedding_int8(model, tq) if with_table else model
 
 
 def apply_qat(model: nn.Module, cfg) -> nn.Module:

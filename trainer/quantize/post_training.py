@@ -9,8 +9,9 @@ import sys
 
 import torch
 
-from trainer.quantize import (FULL_PRECISION, apply_ptq, apply_qat, build_float_model, plan,
-                              quantized_layers)
+from trainer.quantize import apply_ptq, apply_qat, build_float_model, full_precision, plan, quantized_layers
+from trainer.quantize.embedding import quantize_embeddings
+from trainer.quantize.formats import format_formats_table, tensor_formats
 from trainer.quantize.long_context import format_long_context, longest_documents
 from trainer.quantize.report import compare_variants, cpu_flags, format_table, quiet_report_warnings
 from trainer.quantize.retrieval_report import compare_retrieval, format_retrieval_table
@@ -53,7 +54,9 @@ def _measure_and_write(cfg, model, weights, val_blocks, objective, device, run_d
                                                         "per-token asymmetric activations, per-channel weights)",
                                               "compile": False})
     name = "qat_int8 -> dynamic_int8" if q.method == "qat_int8" else q.method
-    quant = apply_ptq(apply_qat(copy.deepcopy(fp32), q), q.method, q.group_size)
+    with_table = quantize_embeddings(q.get("embeddings"), fp32)
+    quant = apply_ptq(apply_qat(copy.deepcopy(fp32), q), q.method, q.group_size, embeddings=with_table)
+    formats = tensor_formats(quant)
     variants[name] = (quant, precision, info)
     eval_n = q.eval_batches if q.eval_batches is not None else cfg.trainer.eval_batches
     rows = compare_variants(variants, objective, val_blocks, cfg.trainer.batch_size, eval_n,
@@ -73,8 +76,11 @@ def _measure_and_write(cfg, model, weights, val_blocks, objective, device, run_d
               f"{compile_mode} asks.\nQuantized: {n_layers} Linear layers inside the transformer blocks with "
               f"{info['library']} {info['config']}"
               + (f" (fallback: {info['fallback']})" if info["fallback"] else "")
-              + f". Kept in full precision: {FULL_PRECISION}.\nSaved: {os.path.basename(path)} "
-              f"(load with trainer.quantize.load_quantized).\n\n")
+              + (f"; the token embedding with torchao Int8WeightOnlyConfig (quantize.embeddings=true)"
+                 if with_table else "")
+              + f". Kept in full precision: {full_precision(with_table)}.\nSaved: {os.path.basename(path)} "
+              f"(load with trainer.quantize.load_quantized).\n\n## Tensor formats of {name}\n\n"
+              f"{format_formats_table(formats)}\n\n")
     retrieval_rows = None
     if retrieval is not None:
         by_retrieval = {"fp32": (fp32, "fp32"), "bf16 autocast": (fp32, "bf16"),
@@ -93,10 +99,12 @@ def _measure_and_write(cfg, model, weights, val_blocks, objective, device, run_d
                    f"{format_long_context(longest, budget)}\n\n## Loss\n\n")
     with open(os.path.join(run_dir, "quantize.md"), "w") as f:
         f.write(header + format_table(rows) + "\n")
-    print(f"quantize={q.method}: {path}\n{format_table(rows)}", file=sys.stderr)
+    print(f"quantize={q.method}: {path}\n{format_table(rows)}\n\ntensor formats of {name}:\n"
+          f"{format_formats_table(formats)}", file=sys.stderr)
     head = rows[name] if name in rows else rows[name + " + compile"]
     out = {"method": q.method, "file": path, "device": str(device), "precision": precision,
-           "threads": torch.get_num_threads(), "quantized_layers": n_layers, "full_precision": FULL_PRECISION,
+           "threads": torch.get_num_threads(), "quantized_layers": n_layers, "full_precision": full_precision(with_table),
+           "embeddings": with_table, "formats": formats,
            "eval_batches": batches["eval"], "latency_batches": batches["latency"], "compile": compile_mode,
            "cpu_flags": cpu_flags(),
            **{k: head[k] for k in ("size_mb", "size_ratio", "linears_ratio", "latency_ms", "speedup", "eval_loss",
