@@ -14,26 +14,22 @@ import math
 
 import torch
 from torch import Tensor, nn
+from models.ops.attention import expand_rel_bias
 
 POSITIONS = ("sinusoidal", "learned", "relative", "rope", "alibi", "none")
-
 
 def _can_cache() -> bool:
     """Whether a cached table may be replaced; mutating buffers inside a compiled graph is avoided."""
     return not torch.compiler.is_compiling()
 
-
 def _offsets(tq: int, tk: int, device: torch.device) -> Tensor:
     """Offsets ``j - i`` covered by ``rel_bias``: ``[-(tq - 1), tk - 1]``, shape ``(tq + tk - 1,)``."""
     return torch.arange(-(tq - 1), tk, device=device)
 
-
 def rel_bias_matrix(out: Tensor, tq: int, tk: int) -> Tensor:
     """Expand a ``rel_bias`` vector ``(H, tq + tk - 1)`` to the full ``(H, tq, tk)`` score bias."""
-    from models.ops.attention import expand_rel_bias
 
     return expand_rel_bias(out, tq, tk)
-
 
 class Position(nn.Module):
     """One positional scheme behind one interface; a stack (encoder or decoder) owns one, shared by its layers.
@@ -60,7 +56,6 @@ class Position(nn.Module):
         """
         return None
 
-
 def sinusoidal_table(length: int, d_model: int, device: torch.device | None = None) -> Tensor:
     """Vaswani et al. table ``(length, d_model)``: sin on even, cos on odd features, in fp32."""
     pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]  # (T, 1)
@@ -73,7 +68,6 @@ def sinusoidal_table(length: int, d_model: int, device: torch.device | None = No
     # An odd d_model has one fewer cos column than sin columns.
     table[:, 1::2] = torch.cos(angle[:, : d_model // 2])
     return table
-
 
 class SinusoidalPosition(Position):
     """Fixed sinusoidal absolute positions; any length (the table grows on demand)."""
@@ -103,7 +97,6 @@ class SinusoidalPosition(Position):
             pos = pos * self.scale
         return x + pos.to(x.dtype)  # (T, D) broadcasts over B
 
-
 class LearnedPosition(Position):
     """Trainable absolute positions; refuses sequences longer than ``max_len``.
 
@@ -131,7 +124,6 @@ class LearnedPosition(Position):
         start = self.offset + offset
         return x + self.emb.weight[start : start + t].to(x.dtype)  # (T, D) broadcasts over B
 
-
 def relative_position_bucket(
     rel: Tensor, *, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128
 ) -> Tensor:
@@ -157,7 +149,6 @@ def relative_position_bucket(
     large = (max_exact + (scaled * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
     return buckets + torch.where(dist < max_exact, dist, large)
 
-
 class RelativePosition(Position):
     """T5-style learned, bucketed relative bias per head; any length."""
 
@@ -179,7 +170,6 @@ class RelativePosition(Position):
         )
         return self.emb(buckets).t().float()  # (L, H) -> (H, L)
 
-
 def rope_tables(length: int, head_dim: int, base: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """fp32 ``cos``/``sin`` tables ``(length, head_dim)`` in the rotate-half layout."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
@@ -188,11 +178,9 @@ def rope_tables(length: int, head_dim: int, base: float, device: torch.device | 
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh): both halves share a frequency
     return emb.cos(), emb.sin()
 
-
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
 
 class RotaryPosition(Position):
     """Su et al. rotary embedding of queries and keys (rotate-half convention); any length."""
@@ -228,7 +216,6 @@ class RotaryPosition(Position):
         cos, sin = self._tables(offset + max(q.shape[-2], k.shape[-2]), q.device)
         return self._rotate_one(q, cos, sin, offset), self._rotate_one(k, cos, sin, offset)
 
-
 def alibi_slopes(num_heads: int) -> list[float]:
     """Press et al. head slopes: geometric from ``2^(-8/n)``; non-powers of 2 interleave the next power's slopes."""
 
@@ -240,7 +227,6 @@ def alibi_slopes(num_heads: int) -> list[float]:
         return power_of_2(num_heads)
     closest = 2 ** math.floor(math.log2(num_heads))
     return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
-
 
 class AlibiPosition(Position):
     """ALiBi linear distance penalty ``-slope_h * |j - i|``; no parameters, any length.
@@ -258,7 +244,6 @@ class AlibiPosition(Position):
     def rel_bias(self, tq: int, tk: int) -> Tensor:
         dist = _offsets(tq, tk, self.slopes.device).abs().float()  # (L,)
         return -self.slopes.float()[:, None] * dist[None, :]  # (H, L)
-
 
 def build_position(
     kind: str,

@@ -93,13 +93,14 @@ def int4_torchao(fp32, group_size: int):
     tinygemm `_weight_int4pack_mm_for_cpu`), embedding in int8 as apply_ptq does for an encoder."""
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-    from trainer.quantize import _ao, _only_block_linears
+    from trainer.quantize import _ao, block_linears
     from trainer.quantize.embedding import apply_embedding_int8
 
     tq = _ao()
     model = copy.deepcopy(fp32).cpu().to(torch.bfloat16)
+    ids = {id(lin) for *_, lin in block_linears(model)}
     tq.quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False),
-                 filter_fn=_only_block_linears(model))
+                 filter_fn=lambda module, fqn: id(module) in ids)
     return apply_embedding_int8(model, tq)
 
 

@@ -10,12 +10,18 @@ from omegaconf import DictConfig
 
 from trainer.config.schema import CONF_DIR, register_configs
 from trainer.errors import EXIT_BAD_INPUT, EXIT_FAILED_SWEEP, EXIT_NONFINITE, ConfigError, NonFiniteLoss, StopRequested
+from trainer.metrics import write_summary
+from trainer.run import hydra_run_dir
+from trainer.command import resume_command
+from trainer.run import run
+from trainer.runs.summary import closing_lines
+from trainer.sweep import write_report
+from trainer.command import precheck
+from trainer.sweep import FAILED_IN_REPORT
 
 register_configs()
 
-
 FAILED_JOBS: list[str] = []  # multirun jobs of this process that failed: "job N (overrides): reason"
-
 
 def _multirun_job() -> tuple[bool, str]:
     """(whether this job is one of a multirun, its label "job N (overrides)")."""
@@ -29,11 +35,8 @@ def _multirun_job() -> tuple[bool, str]:
         return False, ""
     return True, f"job {hc.job.num} ({' '.join(hc.overrides.task)})"
 
-
 def _record_failure(message: str, exit_code: int) -> float:
     """A failed multirun job: its row in the sweep report says so; the other jobs still run."""
-    from trainer.metrics import write_summary
-    from trainer.run import hydra_run_dir
 
     multi, label = _multirun_job()
     print(message, file=sys.stderr)
@@ -53,7 +56,6 @@ def _record_failure(message: str, exit_code: int) -> float:
         pass
     return float("nan")
 
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one job; returns eval/loss, the metric a Hydra sweep optimizes.
@@ -62,9 +64,6 @@ def main(cfg: DictConfig) -> float:
     multirun a failing job is recorded (its sweep row says failed, with the reason) and the
     remaining jobs run; the sweep then exits 1. A stop signal ends the whole sweep.
     """
-    from trainer.command import resume_command
-    from trainer.run import run
-    from trainer.runs.summary import closing_lines
 
     try:
         summary = run(cfg)
@@ -73,7 +72,6 @@ def main(cfg: DictConfig) -> float:
     except NonFiniteLoss as e:
         return _record_failure(f"error: {e}; the last good checkpoint is kept.", EXIT_NONFINITE)
     except StopRequested as e:
-        from trainer.run import hydra_run_dir
 
         name = "SIGTERM" if e.signum == 15 else "SIGINT" if e.signum == 2 else f"signal {e.signum}"
         multi, _ = _multirun_job()
@@ -82,8 +80,6 @@ def main(cfg: DictConfig) -> float:
         print(f"stopped by {name} after step {e.step}; checkpoint saved; {again}", file=sys.stderr)
         if multi:  # the sweep ends here: report the jobs that finished
             from hydra.core.hydra_config import HydraConfig
-
-            from trainer.sweep import write_report
 
             write_report(HydraConfig.get().sweep.dir)
         sys.exit(128 + e.signum)
@@ -109,16 +105,13 @@ def main(cfg: DictConfig) -> float:
     metric = cfg.sweep.metric if "sweep" in cfg else "eval/loss"  # what a sweeper (e.g. Optuna) optimizes
     return float(summary.get(metric, float("nan"))) if summary["complete"] else float("nan")
 
-
 if __name__ == "__main__":
-    from trainer.command import precheck
 
     problem = precheck(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     main()
-    from trainer.sweep import FAILED_IN_REPORT  # jobs other processes ran (joblib, submitit) failed there
 
     failed = FAILED_JOBS or FAILED_IN_REPORT
     if failed:

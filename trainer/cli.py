@@ -25,13 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config.schema import CONF_DIR, Config
 from trainer.errors import EXIT_BAD_INPUT, ConfigError
+from trainer.quantize import PTQ_METHODS, apply_ptq, load_quantized
 
 TOOLS_DIR = os.path.join(CONF_DIR, "tools")
 TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_]\w*):(?P<value>[^#]*?)\s*(?:#\s?(?P<doc>.*))?$")
 _GROUP = re.compile(r"^\s*-\s*/(?P<group>\w+):\s*null\s*(?:#\s?(?P<doc>.*))?$")
 _TAG = re.compile(r"^\[(?P<type>int|float|bool|str)\]\s*")
-
 
 @dataclass(frozen=True)
 class Key:
@@ -41,7 +41,6 @@ class Key:
     default: Any
     kind: type
     doc: str
-
 
 @dataclass
 class ToolSpec:
@@ -57,7 +56,6 @@ class ToolSpec:
     @property
     def command(self) -> str:
         return f"python -m trainer.{self.name}"
-
 
 def load_spec(tool: str) -> ToolSpec:
     """Read `conf/tools/<tool>.yaml` into a ToolSpec (keys in file order).
@@ -102,13 +100,11 @@ def load_spec(tool: str) -> ToolSpec:
         spec.keys[name] = Key(name, default, kind or (type(default) if default is not None else str), doc)
     return spec
 
-
 def _group_schema(group: str) -> list[str]:
     """The keys of a training config group (`data` -> DataConfig's fields)."""
     node = Config.__dataclass_fields__[group]
     kind = node.default_factory() if node.default_factory is not dataclasses.MISSING else node.default
     return [f.name for f in dataclasses.fields(kind)]
-
 
 def _parse(key: str, text: str, kind: type, default: Any) -> Any:
     """`text` as `kind`, taken literally (a prompt or a path may hold any character)."""
@@ -127,7 +123,6 @@ def _parse(key: str, text: str, kind: type, default: Any) -> Any:
     except ValueError:
         raise ConfigError(f"{key}={text} is not {'an integer' if kind is int else 'a number'}.") from None
 
-
 def did_you_mean(key: str, valid: list[str]) -> str:
     """" (did you mean <nearest>?)" for a misspelt `key`, or "" when nothing valid is close."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
@@ -137,13 +132,11 @@ def did_you_mean(key: str, valid: list[str]) -> str:
         close = [f"{head}.{c}" for c in difflib.get_close_matches(tail, same, n=1, cutoff=0.6)]
     return f" (did you mean {close[0]}?)" if close else ""
 
-
 def _unknown(spec: ToolSpec, key: str, arg: str) -> ConfigError:
     valid = list(spec.keys) + list(spec.groups) + [f"{g}.{k}" for g in spec.groups for k in _group_schema(g)]
     hint = did_you_mean(key, valid)
     return ConfigError(f"{arg} is not understood: {key} is not a key of {spec.command}{hint}; "
                        f"{spec.command} --help lists every key.")
-
 
 def compose_tool(tool: str, argv: list[str]) -> tuple[DictConfig, frozenset[str]]:
     """The tool's config, composed from `conf/tools/<tool>.yaml` with `argv` (`key=value` strings).
@@ -197,7 +190,6 @@ def compose_tool(tool: str, argv: list[str]) -> tuple[DictConfig, frozenset[str]
     given = frozenset(k.lstrip("+").split("=")[0] for k in overrides) | frozenset(values)
     return cfg, given
 
-
 def help_text(tool: str) -> str:
     """The tool's usage, every key with its default and description, and an example command."""
     from hydra import initialize_config_dir
@@ -222,7 +214,6 @@ def help_text(tool: str) -> str:
     lines += ["", "example:" if len(spec.examples) == 1 else "examples:", *(f"  {e}" for e in spec.examples)]
     return "\n".join(lines)
 
-
 def apply_quantization(model, cfg: DictConfig, method: str, device, saved: str | None = None):
     """`model` (the run's float model, config `cfg`) quantized with torchao's post-training `method`
     (`trainer.quantize.apply_ptq`, on the CPU, then moved to `device`), or the report's `saved`
@@ -233,20 +224,19 @@ def apply_quantization(model, cfg: DictConfig, method: str, device, saved: str |
     """
     if method == "none":
         return model
-    from trainer.quantize import PTQ_METHODS, apply_ptq, load_quantized
 
     if method not in PTQ_METHODS:
         raise ConfigError(f"quantize={method} is not valid here; choose one of: none, {', '.join(PTQ_METHODS)}.")
     try:
         if saved is not None and os.path.isfile(saved):
             return load_quantized(saved, cfg, method).to(device).eval()
-        return apply_ptq(model.cpu(), method, cfg.quantize.group_size).to(device).eval()
+        return apply_ptq(model.cpu(), method, cfg.quantize.group_size,
+                         embeddings=cfg.quantize.get("embeddings")).to(device).eval()
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure is one sentence
         raise ConfigError(f"quantize={method} could not be applied to this model: "
                           f"{str(e).splitlines()[0].rstrip('.')}.") from e
-
 
 def run_tool(tool: str, fn: Callable[[list[str]], Any], argv: list[str]) -> int:
     """Run `fn(argv)` as the command line of `tool`; returns the exit status.

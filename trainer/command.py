@@ -17,9 +17,14 @@ from omegaconf import OmegaConf
 from trainer import cli
 from trainer.config.schema import CONF_DIR, Config
 from trainer.errors import ConfigError
+from trainer.config.validate import validate
+from trainer.distributed import launched_by_torchrun
+from trainer.pretrained import apply_pretrained_config
+from trainer.runs.init_from import check_init_from
+from trainer.run import check_resume
+from trainer.runs import checkpoints as ckpt
 
 HYDRA_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info")
-
 
 def config_keys() -> list[str]:
     """Every dotted key of the schema (`trainer.max_steps`, ...) and every config group name."""
@@ -34,18 +39,15 @@ def config_keys() -> list[str]:
     groups = sorted(d for d in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, d)))
     return walk(OmegaConf.structured(Config), "") + groups
 
-
 def did_you_mean(word: str, options: list[str]) -> str:
     """`"; did you mean X?"` for the closest of `options` to `word` (`trainer.cli.did_you_mean`), else ""."""
     hint = cli.did_you_mean(word, options)  # " (did you mean X?)" or ""
     return "; " + hint.strip()[1:-1] if hint else ""
 
-
 def group_options(group: str) -> list[str]:
     """The options of config group `group` (its YAML files), sorted."""
     folder = os.path.join(CONF_DIR, group)
     return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
-
 
 def one_sentence(e: BaseException) -> str:
     """A Hydra/OmegaConf composition error as one sentence naming the key and what is valid."""
@@ -73,7 +75,6 @@ def one_sentence(e: BaseException) -> str:
         return f"{key} has the wrong type: {text}."
     return text.rstrip(".") + "."
 
-
 def run_dir_arg(argv: list[str]) -> str | None:
     """The literal `hydra.run.dir=` of a command line (None if absent or interpolated)."""
     for a in argv:
@@ -81,7 +82,6 @@ def run_dir_arg(argv: list[str]) -> str | None:
             value = a.split("=", 1)[1]
             return None if "${" in value else value
     return None
-
 
 def precheck(argv: list[str]) -> str | None:
     """Compose the config with the command line's overrides once, before Hydra does, and return
@@ -93,11 +93,6 @@ def precheck(argv: list[str]) -> str | None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from trainer.config.validate import validate
-    from trainer.distributed import launched_by_torchrun
-    from trainer.pretrained import apply_pretrained_config
-    from trainer.runs.init_from import check_init_from
 
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -113,11 +108,8 @@ def precheck(argv: list[str]) -> str | None:
         return str(e)
     return None
 
-
 def _check_resume(cfg, run_dir: str | None) -> None:
     """A resume that would be refused is refused now, before Hydra rewrites the run dir's `.hydra/`."""
-    from trainer.run import check_resume
-    from trainer.runs import checkpoints as ckpt
 
     if run_dir is None and cfg.trainer.resume in ("auto", "never"):
         return  # a new timestamped run dir: nothing to resume
@@ -127,7 +119,6 @@ def _check_resume(cfg, run_dir: str | None) -> None:
         return
     payload = ckpt.read_checkpoint(resume_path, {"structure": ckpt.structure(cfg)})
     check_resume(cfg, ckpt_dir, resume_path, payload)
-
 
 def resume_command(run_dir: str, argv: list[str] | None = None) -> str:
     """The command line to paste to continue the run in `run_dir`: this process's own command

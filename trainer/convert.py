@@ -20,12 +20,14 @@ from omegaconf import OmegaConf
 
 from trainer.errors import ConfigError
 from trainer.runs.checkpoints import checkpoint_weights
+from trainer.runs import checkpoints as ckpt
+from trainer.cli import compose_tool
+from trainer.runs.artifacts import save_weights
+from trainer.cli import run_tool
 
 TOOL = "convert"  # conf/tools/convert.yaml: every key, its default and its help line
 
-
 def _checkpoint(run_dir: str, given: str | None) -> str:
-    from trainer.runs import checkpoints as ckpt
 
     if given:
         path = os.path.abspath(os.path.expanduser(given))
@@ -38,7 +40,6 @@ def _checkpoint(run_dir: str, given: str | None) -> str:
                           f"step_<N>.dcp); pass a training run dir or checkpoint=<path>.")
     return found[-1]
 
-
 def run_convert(argv: list[str]) -> str:
     """Compose `conf/tools/convert.yaml` with `argv`, read the checkpoint and write the full
     weights into `output`; returns the output folder.
@@ -47,8 +48,6 @@ def run_convert(argv: list[str]) -> str:
         ConfigError: bad input (a key, a run dir without checkpoints, an output that already holds
             weights), before anything is written.
     """
-    from trainer.cli import compose_tool
-    from trainer.runs.artifacts import save_weights
 
     a, _ = compose_tool(TOOL, argv)
     if not a.run_dir or not a.output:
@@ -73,14 +72,11 @@ def run_convert(argv: list[str]) -> str:
     print(f"{path} -> {out} ({len(weights)} tensors, {sum(v.numel() for v in weights.values()):,} parameters)")
     return out
 
-
 def main(argv: list[str]) -> int:
     """The command line; returns the exit status (2 on bad input, with one `error:` sentence;
     `--help` prints every key)."""
-    from trainer.cli import run_tool
 
     return run_tool(TOOL, run_convert, argv)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -20,10 +20,16 @@ import numpy as np
 import torch
 
 from trainer.errors import ConfigError
+from trainer.cli import apply_quantization
+from trainer.runs.artifacts import load_model
+from trainer.retrieval.embedding import embed_rows
+from trainer.data.pairs import encode_rows
+from trainer.cli import compose_tool
+from trainer.distributed import resolve_device
+from trainer.cli import run_tool
 
 TOOL = "embed"  # conf/tools/embed.yaml: every key, its default and its help line
 INPUTS, OUTPUTS = (".txt", ".jsonl"), (".npy", ".parquet")
-
 
 def read_texts(path: str, field: str) -> list[bytes]:
     """The texts of `path`: each line of a .txt (its newline removed), or `field` of each .jsonl record.
@@ -58,7 +64,6 @@ def read_texts(path: str, field: str) -> list[bytes]:
         raise ConfigError(f"input={path} is empty: there is nothing to embed.")
     return texts
 
-
 def load_encoder(run_dir: str, device: torch.device, quantize: str = "none"):
     """(model in eval mode, tokenizer, config) of an encoder run, quantized with `quantize` if asked
     (the run's `model_<method>.pt` from the quantization report when it exists).
@@ -66,8 +71,6 @@ def load_encoder(run_dir: str, device: torch.device, quantize: str = "none"):
     Raises:
         ConfigError: not a run, not an encoder, or a quantization that cannot be applied.
     """
-    from trainer.cli import apply_quantization
-    from trainer.runs.artifacts import load_model
 
     model, tokenizer, cfg = load_model(run_dir, device)
     if cfg.model.arch != "encoder":
@@ -75,7 +78,6 @@ def load_encoder(run_dir: str, device: torch.device, quantize: str = "none"):
                           f"model=encoder run (trained with objective=contrastive, or mlm).")
     saved = os.path.join(run_dir, f"model_{quantize}.pt")
     return apply_quantization(model, cfg, quantize, device, saved=saved), tokenizer, cfg
-
 
 @torch.no_grad()
 def embed_texts(model: torch.nn.Module, tokenizer, texts: list[bytes], seq_len: int, pooling: str,
@@ -87,9 +89,6 @@ def embed_texts(model: torch.nn.Module, tokenizer, texts: list[bytes], seq_len: 
     pads little, embedded `batch_size` at a time with `trainer.contrastive.embed`'s pooling.
     """
     from tqdm import tqdm
-
-    from trainer.retrieval.embedding import embed_rows
-    from trainer.data.pairs import encode_rows
 
     device = torch.device(device)
     rows = encode_rows(texts, tokenizer, seq_len)  # (N, L)
@@ -105,7 +104,6 @@ def embed_texts(model: torch.nn.Module, tokenizer, texts: list[bytes], seq_len: 
     if chunks:
         out[order] = torch.cat(chunks)
     return out.numpy().astype(np.float32)
-
 
 def write_vectors(path: str, vectors: np.ndarray, texts: list[bytes]) -> None:
     """`.npy` (N, D) float32, or `.parquet` with row, text and embedding columns; atomically."""
@@ -123,12 +121,9 @@ def write_vectors(path: str, vectors: np.ndarray, texts: list[bytes]) -> None:
         pq.write_table(table, tmp)
     os.replace(tmp, path)
 
-
 def run_embed(argv: list[str]) -> dict:
     """Compose `conf/tools/embed.yaml` with `argv`, load, embed, write; returns {output, rows, dim,
     precision, quantize}. Raises ConfigError on bad input, before anything is written."""
-    from trainer.cli import compose_tool
-    from trainer.distributed import resolve_device
 
     a, _ = compose_tool(TOOL, argv)
     for key in ("run_dir", "input", "output"):
@@ -154,14 +149,11 @@ def run_embed(argv: list[str]) -> dict:
     return {"output": out, "rows": len(texts), "dim": int(vectors.shape[1]), "precision": a.precision,
             "quantize": a.quantize}
 
-
 def main(argv: list[str]) -> int:
     """The command line; returns the exit status (2 on bad input, with one `error:` sentence;
     `--help` prints every key)."""
-    from trainer.cli import run_tool
 
     return run_tool(TOOL, run_embed, argv)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

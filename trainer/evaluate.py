@@ -25,9 +25,16 @@ from trainer.evaluation import EvalContext, evaluate_all
 from trainer.evaluation.heldout import HeldOutLoss
 from trainer.evaluation.retrieval import RetrievalSearch
 from trainer.objectives import build_objective, resolve_objective
+from trainer.cli import apply_quantization
+from trainer.distributed import resolve_device
+from trainer.runs.artifacts import load_model
+from trainer.quantize import apply_qat
+from trainer.cli import compose_tool
+from trainer.data import StoreBlocks, load_corpus
+from trainer.data.pairs import load_pair_corpus
+from trainer.cli import run_tool
 
 TOOL = "evaluate"  # conf/tools/evaluate.yaml: every key, its default and its help line
-
 
 def data_config(run_cfg: DictConfig, tool_cfg: DictConfig, given: frozenset[str]) -> DictConfig:
     """The data to evaluate on: the run's `data`, or the `data=<option>` group the tool composed
@@ -46,7 +53,6 @@ def data_config(run_cfg: DictConfig, tool_cfg: DictConfig, given: frozenset[str]
         key = next((f"data.{k}" for k in overrides if f"data.{k}" in given), "data")
         raise ConfigError(f"{key}={OmegaConf.select(tool_cfg, key)} is not valid: {str(e).splitlines()[0]}") from e
 
-
 def evaluate_run(model: torch.nn.Module, cfg: DictConfig, blocks, device: torch.device,
                  precision: str, trainer_cfg, tokenizer=None, retrieval=None) -> dict[str, float]:
     """The run's evaluators (`trainer.evaluation`) on `blocks` ((N, seq_len + 1) tensor or memory-mapped
@@ -60,7 +66,6 @@ def evaluate_run(model: torch.nn.Module, cfg: DictConfig, blocks, device: torch.
     assert metrics is not None  # no stop signal in a single process
     return metrics
 
-
 def _name(name: str | None, data: DictConfig, changed: bool) -> str:
     if name:
         return name
@@ -71,21 +76,15 @@ def _name(name: str | None, data: DictConfig, changed: bool) -> str:
         name += "_" + str(data.name)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
-
 def _load(a) -> tuple[torch.nn.Module, object, DictConfig, torch.device]:
     """The run's model (its QAT forward if trained so; quantized if asked), tokenizer, config, device."""
-    from trainer.cli import apply_quantization
-    from trainer.distributed import resolve_device
-    from trainer.runs.artifacts import load_model
 
     device = resolve_device(a.device)
     model, tok, cfg = load_model(a.run_dir, device)
     if cfg.quantize.method == "qat_int8":  # the run evaluated its fake-quantized forward
-        from trainer.quantize import apply_qat
 
         model = apply_qat(model, cfg.quantize)
     return apply_quantization(model, cfg, a.quantize, device), tok, cfg, device
-
 
 def run_evaluate(argv: list[str]) -> dict:
     """Compose `conf/tools/evaluate.yaml` with `argv`, load, evaluate, print, and write the metrics
@@ -94,8 +93,6 @@ def run_evaluate(argv: list[str]) -> dict:
     Raises:
         ConfigError: bad input (a key, value, run dir or data), before anything is written.
     """
-    from trainer.cli import compose_tool
-    from trainer.data import StoreBlocks, load_corpus
 
     a, given = compose_tool(TOOL, argv)
     changed = "data" in a
@@ -112,7 +109,6 @@ def run_evaluate(argv: list[str]) -> dict:
     split = a.split or ("all" if changed and data.source != "pairs" else "val")
     retrieval = None
     if data.source == "pairs":  # retrieval pairs: the held-out queries searched against the held-out documents
-        from trainer.data.pairs import load_pair_corpus
 
         if split != "val":
             raise ConfigError(f"split={split} is not available for data=pairs; its evaluation is the held-out "
@@ -144,14 +140,11 @@ def run_evaluate(argv: list[str]) -> dict:
     print(f"written to {path}", file=sys.stderr)
     return report
 
-
 def main(argv: list[str]) -> int:
     """The command line; returns the exit status (2 on bad input, with one `error:` sentence;
     `--help` prints every key)."""
-    from trainer.cli import run_tool
 
     return run_tool(TOOL, run_evaluate, argv)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -12,9 +12,12 @@ import os
 import sys
 
 from trainer.errors import ConfigError
+from trainer.cli import compose_tool
+from trainer.pretrained.export import check_output, export_model
+from trainer.runs.artifacts import load_model
+from trainer.cli import run_tool
 
 TOOL = "export"  # conf/tools/export.yaml: every key, its default and its help line
-
 
 def run_export(argv: list[str]) -> dict:
     """Compose `conf/tools/export.yaml` with `argv`, load the run and write the folder; returns
@@ -25,9 +28,6 @@ def run_export(argv: list[str]) -> dict:
             export, a run that cannot be loaded, or a feature with no Hugging Face counterpart;
             nothing is written then.
     """
-    from trainer.cli import compose_tool
-    from trainer.pretrained.export import check_output, export_model
-    from trainer.runs.artifacts import load_model
 
     a, _ = compose_tool(TOOL, argv)
     if not a.run_dir or not a.output:
@@ -45,14 +45,11 @@ def run_export(argv: list[str]) -> dict:
           f"{info['vocab_size']}); load it with transformers' {loader}.")
     return info
 
-
 def main(argv: list[str]) -> int:
     """The command line; returns the exit status (2 on bad input, with one `error:` sentence;
     `--help` prints every key)."""
-    from trainer.cli import run_tool
 
     return run_tool(TOOL, run_export, argv)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -20,7 +20,11 @@ import torch.nn as nn
 from trainer.errors import ConfigError
 from trainer.data import EOS
 from trainer.precision import autocast
-
+from trainer.cli import apply_quantization
+from trainer.distributed import resolve_device
+from trainer.runs.artifacts import load_model
+from trainer.cli import compose_tool
+from trainer.cli import run_tool
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set every logit outside the kept set to -inf: (N, V) -> (N, V).
@@ -42,7 +46,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         logits = torch.empty_like(logits).scatter(-1, order, sorted_logits)
     return logits
 
-
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next ids (N,) from last-position logits (N, V): argmax at temperature 0, else a draw from
@@ -53,12 +56,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p:
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-
 def max_positions(model: nn.Module) -> int | None:
     """Longest sequence the decoder can position (learned tables), or None when unlimited."""
     pos = getattr(model.decoder, "position", None)
     return getattr(pos, "max_len", None)
-
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
@@ -101,9 +102,7 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, tem
                 break
     return torch.stack(new, dim=1) if new else seq.new_zeros(seq.shape[0], 0)
 
-
 TOOL = "generate"  # conf/tools/generate.yaml: every key, its default and its help line
-
 
 def _check(a) -> None:
     if not a.run_dir:
@@ -121,12 +120,8 @@ def _check(a) -> None:
     if a.prompt_file is not None and not os.path.isfile(a.prompt_file):
         raise ConfigError(f"prompt_file={a.prompt_file}: no such file.")
 
-
 def _prepare(a):
     """Load the run (and quantize it) and encode the prompt; returns what `main` samples with."""
-    from trainer.cli import apply_quantization
-    from trainer.distributed import resolve_device
-    from trainer.runs.artifacts import load_model
 
     _check(a)
     device = resolve_device(a.device)
@@ -157,13 +152,10 @@ def _prepare(a):
               f"new tokens are generated.", file=sys.stderr)
     return model, tok, cfg, device, prompt, src
 
-
 def run_generate(argv: list[str]) -> None:
     """Compose `conf/tools/generate.yaml` with `argv`, load the run and print the samples on stdout
     (tokens/s on stderr). Raises ConfigError on bad input, before any sample is printed."""
     from tqdm import tqdm
-
-    from trainer.cli import compose_tool
 
     a, _ = compose_tool(TOOL, argv)
     try:
@@ -192,14 +184,11 @@ def run_generate(argv: list[str]) -> None:
     print(f"{n_tokens} tokens in {dt:.2f} s ({n_tokens / max(dt, 1e-9):.1f} tokens/s, kv_cache="
           f"{str(a.kv_cache).lower()}, {precision})", file=sys.stderr)
 
-
 def main(argv: list[str]) -> int:
     """The CLI; returns the exit status (0; 2 on bad input, with one `error:` sentence on stderr;
     `--help` prints every key)."""
-    from trainer.cli import run_tool
 
     return run_tool(TOOL, run_generate, argv)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

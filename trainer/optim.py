@@ -6,12 +6,13 @@ import math
 
 import torch
 import torch.nn as nn
+from models.transformer import Transformer
+from models.transformer import Stack
 
 OPTIMIZERS = ("adamw", "muon")  # optim=<name>
 SCHEDULES = ("cosine", "constant", "wsd")  # schedule=<name>
 DECAY_SHAPES = ("linear", "sqrt")  # schedule=wsd: schedule.decay_shape
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # optim=muon: optim.muon_adjust_lr (torch.optim.Muon's)
-
 
 def decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split trainable parameters into (decayed, not decayed) by what each parameter is.
@@ -24,7 +25,6 @@ def decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     Each parameter appears once (tied weights are shared, wrappers like DDP/FSDP/compile are seen
     through).
     """
-    from models.transformer import Transformer
 
     decay_ids: set[int] = set()
     for module in model.modules():
@@ -41,14 +41,12 @@ def decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
         (decay if id(p) in decay_ids else no_decay).append(p)
     return decay, no_decay
 
-
 def _adamw(groups: list[dict], cfg) -> torch.optim.AdamW:
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):  # fused unsupported here (device, dtype or DTensor)
         return torch.optim.AdamW(groups, foreach=True, **kw)
-
 
 def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer `cfg.name` names, over every trainable parameter of `model`.
@@ -64,7 +62,6 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
     return _adamw([{"params": decay, "weight_decay": cfg.weight_decay},
                    {"params": no_decay, "weight_decay": 0.0}], cfg)
 
-
 def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters Muon updates: the `weight` of every `nn.Linear` inside a block stack
     (attention q/kv/qkv/out, feed-forward up/down), each a 2-D matrix.
@@ -73,7 +70,6 @@ def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
     norms, biases and position parameters are not hidden-layer matrices and stay with AdamW. Each
     parameter once (tied weights shared; DDP/compile wrappers seen through).
     """
-    from models.transformer import Stack
 
     ids: dict[int, nn.Parameter] = {}
     for module in model.modules():
@@ -82,7 +78,6 @@ def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
                 if isinstance(sub, nn.Linear) and sub.weight.requires_grad:
                     ids.setdefault(id(sub.weight), sub.weight)
     return list(ids.values())
-
 
 class MuonAdamW(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks";
@@ -149,7 +144,6 @@ class MuonAdamW(torch.optim.Optimizer):
         self.adamw.load_state_dict(state_dict["adamw"])
         self._link()  # load_state_dict replaced the inner group dicts
 
-
 def warmup_steps(cfg, max_steps: int) -> int:
     """Warmup length in steps: `cfg.warmup_steps` when set, else `round(cfg.warmup_fraction *
     max_steps)` (so a short run or sweep warms up over the same share of itself as a long one)."""
@@ -157,7 +151,6 @@ def warmup_steps(cfg, max_steps: int) -> int:
     if steps is not None:
         return int(steps)
     return int(round((fraction or 0.0) * max_steps))
-
 
 def wsd_factor(step: int, max_steps: int, warmup: int, decay_fraction: float, shape: str, floor: float) -> float:
     """The warmup-stable-decay multiplier of the lr of update `step` (0-based).
@@ -177,7 +170,6 @@ def wsd_factor(step: int, max_steps: int, warmup: int, decay_fraction: float, sh
     p = min(p, 1.0)
     left = 1.0 - (math.sqrt(p) if shape == "sqrt" else p)
     return min(warm, floor + (1.0 - floor) * left)
-
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup (`warmup_steps`), then cosine decay to `min_lr_ratio * lr`, constant, or (wsd)

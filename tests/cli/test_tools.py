@@ -128,11 +128,14 @@ def test_every_tool_asks_the_shared_device_rule_for_auto_by_default(runs, tool, 
     def probe(kind: str, local_rank: int = 0):
         raise ConfigError(f"device rule asked for {kind}")
 
+    module = importlib.import_module(TOOLS[tool])
+    assert module.resolve_device is trainer.distributed.resolve_device  # the shared rule, imported
     monkeypatch.setattr(trainer.distributed, "resolve_device", probe)
+    monkeypatch.setattr(module, "resolve_device", probe)
     args = {"generate": ["prompt=x"], "embed": ["input=x.txt", "output=x.npy"], "evaluate": [],
             "quantize": ["quantize=weight_int8"]}[tool]
     run_dir = runs["enc" if tool == "embed" else "dec"]
-    rc = importlib.import_module(TOOLS[tool]).main([f"run_dir={run_dir}", *args])
+    rc = module.main([f"run_dir={run_dir}", *args])
     assert "device rule asked for auto" in _one_error(rc, capsys.readouterr().err)
 
 

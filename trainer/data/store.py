@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from trainer.data.sources import DOC_BATCH
+from trainer.data.tokenizer import ByteTokenizer, HFTokenizer
 
 _WORKER: dict = {}  # the tokenizer inside a worker process (set by _init_worker)
-
 
 class StoreBlocks:
     """Rows `[lo, hi)` of a store's (N, width) memory map; indexing returns int64 tensors.
@@ -77,7 +77,6 @@ class StoreBlocks:
     def tensor(self) -> torch.Tensor:
         """All rows as one (N, width) int64 tensor (a copy: for small corpora and tests)."""
         return self[0:len(self)]
-
 
 class BatchStream:
     """Deterministic infinite stream of training windows, a pure function of (seed, step).
@@ -130,16 +129,13 @@ class BatchStream:
             rows[sel] = self._permutation(epoch)[idx[sel] % n]
         return self.blocks[rows]
 
-
 def _encode(docs: list[bytes], tokenizer, dtype) -> list[np.ndarray | None]:
     """Ids of each document in the store's dtype (None for an empty document, which is skipped)."""
     kept = [d for d in docs if d]
     encoded = iter(tokenizer.encode_docs(kept)) if kept else iter(())
     return [next(encoded).astype(dtype) if d else None for d in docs]
 
-
 def _init_worker(kind: str, tok_json: str | None) -> None:
-    from trainer.data.tokenizer import ByteTokenizer, HFTokenizer
 
     if tok_json is None:
         _WORKER["tok"] = ByteTokenizer()
@@ -148,10 +144,8 @@ def _init_worker(kind: str, tok_json: str | None) -> None:
 
         _WORKER["tok"] = HFTokenizer(Tokenizer.from_str(tok_json), kind)
 
-
 def _encode_in_worker(docs: list[bytes], dtype) -> list[np.ndarray | None]:
     return _encode(docs, _WORKER["tok"], dtype)
-
 
 def _encoded(chunks: Iterable[list[bytes]], tokenizer, dtype, num_proc: int) -> Iterator[np.ndarray | None]:
     """Each document's ids, in order; with num_proc > 1 tokenized in a pool that keeps at most
@@ -169,7 +163,6 @@ def _encoded(chunks: Iterable[list[bytes]], tokenizer, dtype, num_proc: int) -> 
                 yield from pending.popleft().get()
         while pending:
             yield from pending.popleft().get()
-
 
 class _Packer:
     """Appends BOS + ids + EOS per document to `f` in whole blocks; the remainder carries over to
@@ -199,7 +192,6 @@ class _Packer:
         self.starts += [min(s, self.written) for s in self._batch_starts]
         self._batch_starts, self.carry, self.docs_in_batch = [], self.carry[:0], 0
 
-
 def write_store(out_dir: str, splits: list[Iterable[list[bytes]]], tokenizer, width: int, num_proc: int,
                 meta: dict) -> list[int]:
     """Tokenize and pack each split's documents (given in chunks) into `out_dir` (tokens.bin,
@@ -227,7 +219,6 @@ def write_store(out_dir: str, splits: list[Iterable[list[bytes]]], tokenizer, wi
                    "tokenizer": tokenizer.ident, "split_blocks": counts}, f)
     return counts
 
-
 def finish_store(tmp_dir: str, out_dir: str, n_train: int, n_val: int) -> None:
     """Record the final split (train blocks first) and move the store into place atomically."""
     path = os.path.join(tmp_dir, "meta.json")
@@ -240,7 +231,6 @@ def finish_store(tmp_dir: str, out_dir: str, n_train: int, n_val: int) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     else:
         os.replace(tmp_dir, out_dir)
-
 
 def open_store(store_dir: str) -> tuple[StoreBlocks, StoreBlocks, dict]:
     """(train, val, meta) of a finished store, memory-mapped read-only (nothing is read yet)."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.data.tokenizer import NUM_SENTINELS, PAD, ByteTokenizer
+from trainer.data.tokenizer import ByteTokenizer
 
 Batch = Dict[str, torch.Tensor]
 

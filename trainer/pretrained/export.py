@@ -32,12 +32,12 @@ from trainer.errors import ConfigError
 from trainer.pretrained.export_config import export_family, hf_config, max_input_length, table_rows
 from trainer.pretrained.tokenizer_files import write_tokenizer_files
 from trainer.pretrained.weight_maps import MAPS
+from models.position import sinusoidal_table
 
 MARKER = "export.json"  # written last into every export: an output holding it may be replaced
 PREFIX = {"bert": "", "roberta": "", "gpt2": "transformer.", "llama": "model.", "qwen2": "model.", "qwen3": "model."}
 ALWAYS_BIASED = ("bert", "roberta", "gpt2")  # every linear layer of these families has a bias
 NOT_EXPORTED = ("logit_scale",)  # a contrastive run's learned temperature: training state only
-
 
 class _Ref:
     """A symbolic Hugging Face tensor while a weight map is traced: its name, maybe transposed."""
@@ -47,7 +47,6 @@ class _Ref:
 
     def t(self) -> "_Ref":
         return _Ref(self.name, not self.transposed)
-
 
 class _Trace:
     """Stands in for `weight_maps._Tensors`: every name exists and is returned as a `_Ref`."""
@@ -63,15 +62,12 @@ class _Trace:
     def cat(self, *names: str) -> tuple[_Ref, ...]:
         return tuple(_Ref(n) for n in names)
 
-
 def _position_table(stack: nn.Module, kind: str, rows: int, d_model: int) -> torch.Tensor:
     """(rows, D): what the stack's absolute position scheme `kind` adds at positions 0..rows-1."""
-    from models.position import sinusoidal_table
 
     if kind == "sinusoidal":
         return sinusoidal_table(rows, d_model) * stack.position.scale
     return torch.zeros(rows, d_model)  # position=none: nothing is added
-
 
 def complete_state(model: nn.Module, cfg: DictConfig, family: str, vocab_size: int) -> dict[str, torch.Tensor]:
     """The model's state_dict on the CPU with the vocabulary cut to `vocab_size` rows and the
@@ -96,7 +92,6 @@ def complete_state(model: nn.Module, cfg: DictConfig, family: str, vocab_size: i
             state[f"{name}.bias"] = torch.zeros(module.out_features)
     return state
 
-
 def _split(key: str, tensor: torch.Tensor, parts: int, cfg: DictConfig) -> list[torch.Tensor]:
     """A fused projection's rows, split as the model fuses them: [q; k; v] or [gate; value]."""
     m = cfg.model
@@ -108,7 +103,6 @@ def _split(key: str, tensor: torch.Tensor, parts: int, cfg: DictConfig) -> list[
         sizes = [tensor.shape[0] // parts] * parts
     assert sum(sizes) == tensor.shape[0], f"{key}: rows {tensor.shape[0]} are not {sizes}"
     return list(torch.split(tensor, sizes, dim=0))
-
 
 def export_weights(state: dict[str, torch.Tensor], cfg: DictConfig, family: str, hf: dict) -> dict[str, torch.Tensor]:
     """`state` (the trainer's names) -> Hugging Face tensor names and layouts for `family`, through
@@ -133,7 +127,6 @@ def export_weights(state: dict[str, torch.Tensor], cfg: DictConfig, family: str,
                           f"exported as a Hugging Face model")
     return out
 
-
 def sentence_transformers_files(folder: str, cfg: DictConfig) -> None:
     """modules.json (Transformer -> Pooling -> Normalize), sentence_bert_config.json, 1_Pooling and 2_Normalize."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -153,11 +146,9 @@ def sentence_transformers_files(folder: str, cfg: DictConfig) -> None:
                                                                  "default_prompt_name": None})):
         _write_json(os.path.join(folder, name), content)
 
-
 def _write_json(path: str, content) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2)
-
 
 def check_output(output: str) -> None:
     """Refuse an `output` that exists and is neither an empty folder nor a previous export.
@@ -172,7 +163,6 @@ def check_output(output: str) -> None:
     if os.listdir(output) and not os.path.isfile(os.path.join(output, MARKER)):
         raise ConfigError(f"output={output} is a non-empty folder that is not a previous export (no {MARKER}); "
                           f"pass a new or empty folder, nothing was written.")
-
 
 def export_model(model: nn.Module, tokenizer, cfg: DictConfig, output: str, source: str = "") -> dict:
     """Write `model` (with its `tokenizer` and run config `cfg`) as a Hugging Face folder `output`,
@@ -210,7 +200,6 @@ def export_model(model: nn.Module, tokenizer, cfg: DictConfig, output: str, sour
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return info
-
 
 def _swap_in(tmp: str, output: str) -> None:
     """Rename the finished `tmp` to `output`; an empty or previously exported `output` is set aside

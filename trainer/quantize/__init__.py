@@ -24,6 +24,8 @@ from trainer.quantize.embedding import apply_embedding_int8, quantize_embeddings
 from trainer.quantize.int4_linear import INT4_FUSED_GROUPS, Int4WeightLinear
 from trainer.quantize.report import (compare_variants, cpu_features, cpu_flags, format_table,  # noqa: F401
                                      prepare_batches, state_dict_bytes, tensor_bytes)
+from trainer.runs.checkpoints import safe_load
+from trainer.objectives.contrastive import apply_learned_temperature
 
 PTQ_METHODS = ("dynamic_int8", "weight_int8", "weight_int4")
 METHODS = (*PTQ_METHODS, "qat_int8")
@@ -32,7 +34,6 @@ FULL_PRECISION = "token embedding and LM head (tied by default), norms, position
 FULL_PRECISION_INT8_EMBEDDING = "norms, position parameters, biases, an untied LM head (token embedding: int8)"
 TESTED = "torch 2.13.0 + torchao 0.18.0"
 FALLBACK = "trainer.quantize.int4_linear.Int4WeightLinear"
-
 
 def _ao():
     """torchao.quantization, imported quietly (its CUDA-only extensions warn on a CPU build), or a
@@ -53,7 +54,6 @@ def _ao():
             log.setLevel(level)
     return tq
 
-
 # ---------------------------------------------------------------- layer selection
 
 def _block_children(model: nn.Module, types: tuple) -> list[tuple[str, nn.Module, str, nn.Module]]:
@@ -66,27 +66,22 @@ def _block_children(model: nn.Module, types: tuple) -> list[tuple[str, nn.Module
                         found.append((".".join(p for p in (block_name, parent_name, attr) if p), parent, attr, child))
     return found
 
-
 def block_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
     """(full name, parent, attribute, layer) of every block linear, quantized by the int4 fallback or not."""
     return _block_children(model, (nn.Linear, Int4WeightLinear))
-
 
 def full_precision(embeddings: bool) -> str:
     """What a quantized model keeps in full precision (the report's wording)."""
     return FULL_PRECISION_INT8_EMBEDDING if embeddings else FULL_PRECISION
 
-
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
     """(full name, parent module, attribute, layer) of every nn.Linear inside a Block."""
     return _block_children(model, (nn.Linear,))
-
 
 def linear_state(model: nn.Module) -> dict:
     """The state_dict entries of the block linears (quantized or not) only."""
     prefixes = tuple(name + "." for name, *_ in _block_children(model, (nn.Linear, Int4WeightLinear)))
     return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
-
 
 def check_group_size(model: nn.Module, group_size: int) -> None:
     """Raise ConfigError unless `group_size` (even, > 0) divides every block layer's input size."""
@@ -97,7 +92,6 @@ def check_group_size(model: nn.Module, group_size: int) -> None:
                           f"layer's input size ({', '.join(map(str, sizes))})"
                           + (f"; e.g. {' or '.join(fits)}." if fits else "."))
 
-
 # ---------------------------------------------------------------- methods
 
 def _int4_on_torchao(device: torch.device) -> bool:
@@ -105,7 +99,6 @@ def _int4_on_torchao(device: torch.device) -> bool:
     import importlib.util
 
     return device.type == "cuda" and importlib.util.find_spec("mslk") is not None
-
 
 def plan(method: str, device: torch.device, group_size: int = 32, precision: str = "fp32") -> dict:
     """What `method` runs on `device`: {library, config, kernel, compiled_kernel, fallback}."""
@@ -129,7 +122,6 @@ def plan(method: str, device: torch.device, group_size: int = 32, precision: str
     return {"library": row[0], "config": row[1], "kernel": row[2],
             "compiled_kernel": "torch.compile (inductor) of: " + row[2], "fallback": reason}
 
-
 def _ptq_config(method: str, group_size: int):
     tq = _ao()
     if method == "weight_int8":
@@ -140,11 +132,9 @@ def _ptq_config(method: str, group_size: int):
     mapping = tq.MappingType.ASYMMETRIC if method == "qat_int8" else tq.MappingType.SYMMETRIC
     return tq.Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping, set_inductor_config=False)
 
-
 def _only_block_linears(model: nn.Module):
     ids = {id(lin) for *_, lin in block_linears(model)}
     return lambda module, fqn: id(module) in ids
-
 
 def apply_ptq(model: nn.Module, method: str, group_size: int = 32, embeddings: bool | None = None) -> nn.Module:
     """Quantize the block linears of `model` in place with torchao (int4 on a device without a
@@ -172,7 +162,6 @@ def apply_ptq(model: nn.Module, method: str, group_size: int = 32, embeddings: b
     tq.quantize_(model, _ptq_config(method, group_size), filter_fn=_only_block_linears(model))
     return apply_embedding_int8(model, tq) if with_table else model
 
-
 def apply_qat(model: nn.Module, cfg) -> nn.Module:
     """Prepare `model` for training under `cfg` (= cfg.quantize).
 
@@ -199,7 +188,6 @@ def apply_qat(model: nn.Module, cfg) -> nn.Module:
     tq.quantize_(model, qat, filter_fn=_only_block_linears(model))
     return model
 
-
 def finalize_qat(model: nn.Module, weights: dict) -> dict:
     """The trained QAT weights as a plain state_dict for an unquantized build_model(...) model.
 
@@ -211,7 +199,6 @@ def finalize_qat(model: nn.Module, weights: dict) -> dict:
         raise RuntimeError(f"QAT weights do not match the model's keys: {sorted(set(weights) ^ expected)[:5]}")
     return dict(weights)
 
-
 # ---------------------------------------------------------------- build, save, load
 
 def build_init_model(cfg, vocab_size: int = VOCAB_SIZE) -> nn.Module:
@@ -220,11 +207,9 @@ def build_init_model(cfg, vocab_size: int = VOCAB_SIZE) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         return build_run_model(cfg, vocab_size)
 
-
 def build_float_model(cfg, weights: dict) -> nn.Module:
     """An unquantized model for root config `cfg`, loaded with the plain state_dict `weights`."""
     return model_with_weights(cfg, weights)
-
 
 def load_quantized(path: str, cfg, method: str | None = None) -> nn.Module:
     """Load a `model_<method>.pt` written by post_training_report (weights_only=True: torchao
@@ -234,13 +219,11 @@ def load_quantized(path: str, cfg, method: str | None = None) -> nn.Module:
         path: the file. cfg: the run's root config (model sizes, quantize.group_size).
         method: the quantization in the file; default cfg.quantize.method.
     """
-    from trainer.runs.checkpoints import safe_load
 
     _ao()
     state = safe_load(path, what="quantized weights")
     model = build_init_model(cfg, weights_vocab(state))
     if "logit_scale" in state:  # a contrastive run's learned temperature
-        from trainer.objectives.contrastive import apply_learned_temperature
 
         apply_learned_temperature(model, cfg.objective.temperature)
     zeros = [k for k in state if k.endswith(".zero")]
@@ -250,7 +233,6 @@ def load_quantized(path: str, cfg, method: str | None = None) -> nn.Module:
             setattr(parent, attr, Int4WeightLinear.from_float(lin, 2 * packed.shape[1] // scale.shape[1]))
     model.load_state_dict(state, assign=True)  # torchao tensors replace the float weights as they are
     return model.eval()
-
 
 def quantized_layers(model: nn.Module) -> int:
     """Block linears whose weight is quantized (a torchao tensor subclass or the int4 fallback)."""

@@ -20,6 +20,17 @@ from trainer.runs.artifacts import WEIGHTS, read_run
 from trainer.objectives import resolve_objective
 from trainer.quantize import METHODS
 from trainer.quantize.report import quiet_report_warnings  # noqa: F401 (re-exported for tests)
+from trainer.cli import compose_tool
+from trainer.data import load_corpus
+from trainer.distributed import resolve_device
+from trainer.metrics import write_summary
+from trainer.objectives import build_objective
+from trainer.quantize import apply_qat, build_init_model
+from trainer.quantize.post_training import post_training_report
+from trainer.data import blocks_of
+from trainer.runs.artifacts import load_tokenizer
+from trainer.data.pairs import load_pair_corpus
+from trainer.cli import run_tool
 
 TOOL = "quantize"  # conf/tools/quantize.yaml: every key, its default and its help line
 USAGE = "usage: python -m trainer.quantize run_dir=<run dir> quantize=<method> [quantize.compile=true|false|both]"
@@ -28,7 +39,6 @@ def parse(argv: list[str]) -> tuple[str, DictConfig]:
     """(run_dir, the tool config composed from `conf/tools/quantize.yaml` with `argv`); ConfigError
     for an unknown key (with the nearest valid one), a missing run dir or method, or a dir that is
     not a finished run."""
-    from trainer.cli import compose_tool
 
     for arg in argv:  # the method first, in its own words (the group also holds `none`)
         key, _, value = arg.partition("=")
@@ -50,7 +60,6 @@ def parse(argv: list[str]) -> tuple[str, DictConfig]:
     device = args.pop("trainer.device", None) or a.device
     return run_dir, {"quantize": method, "trainer.device": device, **args}
 
-
 def load_run_config(run_dir: str, args: dict) -> DictConfig:
     """The run's resolved config on today's schema (new keys take their defaults), with `args`
     ({dotted key: value}, "quantize" the method) set."""
@@ -64,22 +73,13 @@ def load_run_config(run_dir: str, args: dict) -> DictConfig:
             raise ConfigError(f"{key}={value} is not valid ({str(e).splitlines()[0]}).") from e
     return cfg
 
-
 def quantize_run(run_dir: str, cfg) -> dict:
     """Quantize the run's final weights as `cfg.quantize` asks, on `cfg.trainer.device`; returns
     summary.json's "quantize" entry."""
-    from trainer.data import load_corpus
-    from trainer.distributed import resolve_device
-    from trainer.metrics import write_summary
-    from trainer.objectives import build_objective
-    from trainer.quantize import apply_qat, build_init_model
-    from trainer.quantize.post_training import post_training_report
 
     apply_qat(build_init_model(cfg), cfg.quantize)  # the report's settings, checked before any work
     device = resolve_device(cfg.trainer.device)
     weights, _ = read_run(run_dir)
-    from trainer.data import blocks_of
-    from trainer.runs.artifacts import load_tokenizer
 
     tokenizer = load_tokenizer(run_dir, cfg)
     objective = build_objective(resolve_objective(cfg.model.arch, cfg.objective.kind), cfg.objective, tokenizer)
@@ -88,7 +88,6 @@ def quantize_run(run_dir: str, cfg) -> dict:
         torch.set_num_threads(cfg.trainer.threads)
     try:
         if cfg.data.source == "pairs":  # a retrieval encoder: the report also judges it by retrieval
-            from trainer.data.pairs import load_pair_corpus
 
             pairs = load_pair_corpus(cfg.data, cfg.seed, tokenizer)
             val, retrieval = pairs.val, pairs.retrieval
@@ -105,7 +104,6 @@ def quantize_run(run_dir: str, cfg) -> dict:
         write_summary(path, summary)
     return report
 
-
 def run_quantize(argv: list[str]) -> dict:
     """Compose, check, quantize and print the report's tables; returns summary.json's "quantize"."""
     run_dir, args = parse(argv)
@@ -115,14 +113,11 @@ def run_quantize(argv: list[str]) -> dict:
           f"{report['size_ratio']:.2f}x smaller, {report['speedup']:.2f}x fp32 speed)", file=sys.stderr)
     return report
 
-
 def main(argv: list[str]) -> int:
     """The command line; returns the exit status (2 on bad input, with one `error:` sentence;
     `--help` prints every key)."""
-    from trainer.cli import run_tool
 
     return run_tool(TOOL, run_quantize, argv)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

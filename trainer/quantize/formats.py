@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from trainer.quantize import block_modules
 from trainer.quantize.report import MB, tensor_bytes
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8",
@@ -50,8 +51,6 @@ def _group(key: str, linears: tuple[str, ...]) -> str:
 def tensor_formats(model: nn.Module) -> list[dict]:
     """[{group, format, mb, tensors}] of `model`'s state_dict, one row per group (formats of a group
     joined with "; "), in a fixed group order. A tied LM head has no row: it is the embedding."""
-    from trainer.quantize import block_modules  # the layer selection lives with the transforms
-
     linears = tuple(name + "." for name, *_ in block_modules(model))
     rows: dict[str, dict] = {}
     for key, t in model.state_dict().items():

@@ -72,10 +72,20 @@ class Int4WeightLinear(nn.Module):
         return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and self.out_features % 16 == 0
                 and self.group_size in INT4_FUSED_GROUPS)
 
+    def _kernel_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kernel-packed weight, scale-and-zero in `dtype`), converted once and kept until the
+        buffers or the dtype change (not state: `weight`, `scale`, `zero` stay the saved form)."""
+        key = (dtype, *((t.data_ptr(), t._version) for t in (self.weight, self.scale, self.zero)))
+        cached = getattr(self, "_operands", None)
+        if cached is None or cached[0] != key:
+            w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1)
+            with torch.autocast("cpu", enabled=False):  # stack is an autocast op
+                sz = torch.stack([self.scale.t(), self.zero.t()], dim=-1).to(dtype).contiguous()
+            cached = self._operands = (key, w, sz)
+        return cached[1], cached[2]
+
     def _fused(self, x2: torch.Tensor) -> torch.Tensor:
-        w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1)
-        with torch.autocast(x2.device.type, enabled=False):  # stack is an autocast op
-            sz = torch.stack([self.scale.t(), self.zero.t()], dim=-1).to(x2.dtype).contiguous()
+        w, sz = self._kernel_operands(x2.dtype)
         return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), w, self.group_size, sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,10 @@ import sys
 import torch
 
 from trainer.metrics import peak_memory_mb, reset_peak_memory
+from models.build import build_model
+from trainer.config.schema import Config
 
 KINDS = ("standard", "flash", "tiled")
-
 
 def _rss_mb() -> float:
     try:
@@ -32,7 +33,6 @@ def _rss_mb() -> float:
     except OSError:
         pass
     return 0.0
-
 
 def _malloc_to_system() -> None:
     """glibc: serve every allocation >= 128 KiB with its own mapping, returned on free (no dynamic
@@ -45,7 +45,6 @@ def _malloc_to_system() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
 
 @torch.no_grad()
 def forward_memory_mb(model: torch.nn.Module, length: int, device: torch.device) -> float:
@@ -62,7 +61,6 @@ def forward_memory_mb(model: torch.nn.Module, length: int, device: torch.device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return max(peak_memory_mb(device) - before, 0.0)
-
 
 def longest_documents(cfg, budget_mb: float, start: int, max_length: int, device: torch.device,
                       kinds: tuple[str, ...] = KINDS) -> dict[str, dict]:
@@ -93,7 +91,6 @@ def longest_documents(cfg, budget_mb: float, start: int, max_length: int, device
     return {k: {"max_length": v["max_length"], "memory_mb": {int(n): mb for n, mb in v["memory_mb"].items()}}
             for k, v in out.items()}
 
-
 def _longest_documents(cfg, budget_mb: float, start: int, max_length: int, device: torch.device,
                        kinds: tuple[str, ...] = KINDS) -> dict[str, dict]:
     """{kind: {"max_length": longest L within `budget_mb` (0 if even `start` is over), "memory_mb":
@@ -102,7 +99,6 @@ def _longest_documents(cfg, budget_mb: float, start: int, max_length: int, devic
     Lengths double from `start` up to `max_length`; a kind stops at its first length over budget.
     position=learned cannot go past its table, so its lengths stop at data.seq_len.
     """
-    from models.build import build_model
 
     limit = cfg.data.seq_len if cfg.position.kind == "learned" else max_length
     out = {}
@@ -123,7 +119,6 @@ def _longest_documents(cfg, budget_mb: float, start: int, max_length: int, devic
         del model
     return out
 
-
 def format_long_context(rows: dict[str, dict], budget_mb: float) -> str:
     """A markdown table: per kernel, the longest length within the budget and the memory measured."""
     lengths = sorted({n for r in rows.values() for n in r["memory_mb"]})
@@ -137,13 +132,10 @@ def format_long_context(rows: dict[str, dict], budget_mb: float) -> str:
         lines.append(f"| {kind} | {r['max_length']} | {ratio} | {cells} |")
     return "\n".join(lines)
 
-
 if __name__ == "__main__":  # the child process of `longest_documents` on CPU
     import json
 
     from omegaconf import OmegaConf
-
-    from trainer.config.schema import Config
 
     _malloc_to_system()
     cfg_path, budget, first, last, names, threads = sys.argv[1:7]

@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 from trainer.quantize.report import MB, _sync, state_dict_bytes
+from trainer.retrieval.embedding import embed_rows
+from trainer.retrieval.metrics import retrieval_metrics
 
 METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
-
 
 def compare_retrieval(variants: dict[str, tuple[nn.Module, str]], retrieval, pad_id: int, pooling: str,
                       batch_size: int, device: torch.device, repeats: int = 3, baseline: str = "fp32",
@@ -27,8 +28,6 @@ def compare_retrieval(variants: dict[str, tuple[nn.Module, str]], retrieval, pad
         {name: {size_mb, docs_per_s, recall@1, recall@10, mrr@10, ndcg@10, and *_delta against
         `baseline` (absolute, in metric points), size_ratio, speedup}}.
     """
-    from trainer.retrieval.embedding import embed_rows
-    from trainer.retrieval.metrics import retrieval_metrics
 
     rows: dict[str, dict] = {}
     for name, (model, precision) in variants.items():
@@ -55,7 +54,6 @@ def compare_retrieval(variants: dict[str, tuple[nn.Module, str]], retrieval, pad
         row.update({f"{k}_delta": row[k] - ref[k] for k in METRICS},
                    size_ratio=ref["size_mb"] / row["size_mb"], speedup=row["docs_per_s"] / ref["docs_per_s"])
     return rows
-
 
 def format_retrieval_table(rows: dict[str, dict]) -> str:
     """A markdown table of compare_retrieval's rows."""

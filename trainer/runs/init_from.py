@@ -11,9 +11,10 @@ from trainer.errors import ConfigError
 from trainer.runs.checkpoints import safe_load
 from trainer.runs.run_files import read_run
 from trainer.pretrained import VOCAB_KEYS, apply_pretrained_config, fit_vocab_rows, is_model_folder, pretrained_weights
+from models.build import build_model
+from trainer.data.tokenizer import ByteTokenizer, model_vocab_size
 
 OPTIONAL = {"logit_scale"}  # a parameter the source may lack (a contrastive run's learned temperature)
-
 
 def _read(source: str) -> dict[str, torch.Tensor]:
     path = os.path.abspath(os.path.expanduser(source))
@@ -33,7 +34,6 @@ def _read(source: str) -> dict[str, torch.Tensor]:
         return weights.get("model", weights)
     raise ConfigError(f"model.init_from={source}: no such run dir or weights file.")
 
-
 def _check(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: str,
            pretrained: bool = False) -> None:
     """Refuse weights that do not fit; a pretrained folder's vocabulary tables may differ in rows."""
@@ -46,7 +46,6 @@ def _check(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], sourc
         raise ConfigError(f"model.init_from={source}: its weights do not fit this model: {what}; it must be a run "
                           f"of the same model.arch and sizes (d_model, num_layers, heads, d_ff, position, norm).")
 
-
 def check_init_from(cfg, overrides: list[str] | None = None) -> None:
     """Refuse, before any work, a `model.init_from` whose weights do not fit `cfg`'s model (the model
     is built on the meta device: shapes only, no memory, no RNG). A pretrained folder's settings
@@ -54,8 +53,6 @@ def check_init_from(cfg, overrides: list[str] | None = None) -> None:
     contradicting override, an unsupported family or pickle-only weights are refused here too."""
     if not cfg.model.init_from:
         return
-    from models.build import build_model
-    from trainer.data.tokenizer import ByteTokenizer, model_vocab_size
 
     cfg = apply_pretrained_config(cfg, overrides)
     weights = _read(cfg.model.init_from)
@@ -65,7 +62,6 @@ def check_init_from(cfg, overrides: list[str] | None = None) -> None:
         model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=vocab,
                             max_len=cfg.data.seq_len)
     _check(model.state_dict(), weights, cfg.model.init_from, is_model_folder(cfg.model.init_from))
-
 
 def apply_init_from(model: nn.Module, source: str | None) -> nn.Module:
     """Copy the weights of the finished run (or weights file) `source` into `model`, returned as is.

@@ -16,14 +16,13 @@ import functools
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+from models.blocks import Block
 
 AC_MODES = ("none", "full", "selective")  # trainer.activation_checkpointing=<mode>
-
 
 def checkpointed_blocks(model: nn.Module, mode: str, every: int = 2) -> list[nn.Module]:
     """The blocks `apply_activation_checkpointing` wraps: none, every block (`full`), or blocks
     0, every, 2*every, ... of each stack (`selective`)."""
-    from models.blocks import Block
 
     if mode == "none":
         return []
@@ -33,7 +32,6 @@ def checkpointed_blocks(model: nn.Module, mode: str, every: int = 2) -> list[nn.
         out += [b for i, b in enumerate(blocks) if mode == "full" or i % every == 0]
     return out
 
-
 def _checkpointed(forward):
     @functools.wraps(forward)
     def run(*args, **kwargs):
@@ -41,7 +39,6 @@ def _checkpointed(forward):
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
     return run
-
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> nn.Module:
     """Recompute the chosen blocks' activations in backward (`checkpointed_blocks`); returns `model`.

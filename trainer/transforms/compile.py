@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
+from models.blocks import Block
 
 def compiled_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks `apply_compile` compiles (every block of every stack), in order."""
-    from models.blocks import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]
 
-
 COMPILE_CHOICES = ("auto", "true", "false")  # trainer.compile
-
 
 def compile_enabled(choice: str | bool, device: torch.device) -> bool:
     """Whether `trainer.compile=<choice>` compiles on `device`: true, false, or auto = on CUDA only.
@@ -34,7 +31,6 @@ def compile_enabled(choice: str | bool, device: torch.device) -> bool:
     if value not in COMPILE_CHOICES:
         raise ValueError(f"trainer.compile={choice!r} is not valid; choose one of: {', '.join(COMPILE_CHOICES)}.")
     return value == "true" or (value == "auto" and device.type == "cuda")
-
 
 def apply_compile(model: nn.Module, enabled: bool) -> nn.Module:
     """Compile each transformer block in place (regional compile); returns `model` itself.
@@ -51,7 +47,6 @@ def apply_compile(model: nn.Module, enabled: bool) -> nn.Module:
     for block in compiled_blocks(model):
         block.compile()
     return model
-
 
 def reset_compile() -> None:
     """Drop every compiled graph and guard of this process (`torch._dynamo.reset`)."""
