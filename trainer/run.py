@@ -16,6 +16,7 @@ from trainer.config.schema import to_container
 from trainer.config.validate import validate
 from trainer.data import corpus_tokenizer, blocks_of, model_vocab_size
 from trainer.data.loading import build_batch_stream, load_run_corpus
+from trainer.data.tokenizer import VOCAB_SIZE
 from trainer.distributed import Dist, init_distributed, resolve_device, teardown
 from trainer.errors import ConfigError, StopRequested
 from trainer.evaluation.heldout import HeldOutLoss
@@ -63,13 +64,20 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> dict:
         cfg = _with_pretrained(cfg, run_dir, d)
         validate(cfg, d.world_size, d.launched)
         with process_scope(cfg.trainer.threads) as received:
-            t_start = time.perf_counter()
-            r = build(cfg, run_dir, d, received)
-            return train(r, t_start)
+            return _build_and_train(cfg, run_dir, d, received)
     finally:
         if str(cfg.trainer.compile).lower() != "false":
             reset_compile()  # a multirun's next job starts without this run's graphs and guards
         teardown(d)
+
+
+def _build_and_train(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]) -> dict:
+    """`build` then `train`, in a frame of its own: the model (a DDP reducer holds the process group)
+    is released when this returns, before `run` tears the process group down; destroying the group
+    while a DDP model still holds it can hang gloo's destructor at exit."""
+    t_start = time.perf_counter()
+    r = build(cfg, run_dir, d, received)
+    return train(r, t_start)
 
 
 def _with_pretrained(cfg: DictConfig, run_dir: str, d: Dist) -> DictConfig:
@@ -113,7 +121,7 @@ def _finished_summary(r: Run) -> dict:
 
 
 def build_wrapped_model(cfg: DictConfig, device: torch.device, d: Dist,
-                        vocab_size: int, num_tokens: int | None = None) -> tuple[torch.nn.Module, int]:
+                        vocab_size: int = VOCAB_SIZE, num_tokens: int | None = None) -> tuple[torch.nn.Module, int]:
     """The run's model with `model.init_from` applied and every transform (`apply_transforms`).
 
     Returns the wrapped model and its parameter count (benchmarks reuse this with their vocab).
