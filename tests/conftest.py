@@ -54,16 +54,3 @@ def run_cli(*args: str, cwd: str | Path = ROOT, env: dict | None = None, timeout
 def tiny_cli_args(run_dir: Path, *extra: str) -> list[str]:
     return [*TINY, f"hydra.run.dir={run_dir}", *extra]
 
-
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject.toml):
-# each file is one group (its module fixtures run once), and every file that launches torchrun is
-# in one shared group, so two multi-process launches never compete for the two cores.
-TORCHRUN_FILES = {"test_compile.py", "test_quantize_run.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = Path(str(item.fspath))
-        group = "torchrun" if path.parent.name == "distributed" or path.name in TORCHRUN_FILES else path.name
-        item.add_marker(pytest.mark.xdist_group(group))
