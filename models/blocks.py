@@ -68,6 +68,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.h, self.hkv, self.dh = num_heads, num_kv_heads, head_dim or d_model // num_heads
         self.kernel, self.block_size, self.attn_dropout, self.cross = kernel, block_size, attn_dropout, cross
+        self.head_start = 0  # tensor parallelism: this rank's first head (its slice of a per-head rel_bias)
         if cross:
             self.q = Linear(d_model, self.h * self.dh, bias=qkv_bias)
             self.kv = Linear(d_model, 2 * self.hkv * self.dh, bias=qkv_bias)
@@ -115,6 +116,8 @@ class MultiHeadAttention(nn.Module):
                 k = self._norm_qk(None, k)[1]
                 if cache is not None:
                     cache.k, cache.v, cache.length, cache.static = k, v, S, True
+        if rel_bias is not None and rel_bias.shape[0] != self.h:  # tensor parallel: this rank's heads
+            rel_bias = rel_bias[self.head_start: self.head_start + self.h]
         y = attention(q, k, v, kernel=self.kernel, causal=causal, rel_bias=rel_bias,
                       key_padding_mask=key_padding_mask,
                       dropout_p=self.attn_dropout if self.training else 0.0, block_size=self.block_size)

@@ -18,17 +18,38 @@ DEVICES = ("auto", "cpu", "cuda")  # trainer.device and the tools' device=
 
 @dataclass
 class Dist:
-    """Where this process sits: rank, world size, device; `owns_group` if we created the group."""
+    """Where this process sits: rank, world size, device; `owns_group` if we created the group.
+
+    `copies`: how many consecutive ranks hold pieces of one model replica and so see the same rows
+    of every batch (tensor / pipeline parallelism; 1 for data parallelism). Ranks are numbered
+    replica-major: rank = dp_rank * copies + (position within the replica).
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     launched: bool = False
     owns_group: bool = False
+    copies: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: which share of the global batch it trains on."""
+        return self.rank // self.copies
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the number of shares the global batch is cut into."""
+        return self.world_size // self.copies
+
+    @property
+    def counts(self) -> bool:
+        """Whether this rank's sums enter a reduction over every rank (one rank per replica)."""
+        return self.rank % self.copies == 0
 
 
 def launched_by_torchrun() -> bool:
@@ -71,9 +92,47 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model under a DDP / compile wrapper."""
+    """The user's model under a DDP / compile / pipeline-stage wrapper."""
     model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    wrapped = isinstance(model, nn.parallel.DistributedDataParallel) or getattr(model, "wraps_module", False)
+    return model.module if wrapped else model
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of `model` to a global L2 norm of `max_norm` (inf: measure only);
+    returns the norm before clipping, the same on every rank.
+
+    Unsharded, DDP and FSDP: `torch.nn.utils.clip_grad_norm_`. Tensor parallel (DTensor shards next
+    to replicated plain tensors): the sharded gradients' norm is reduced over the mesh, the
+    replicated ones counted once. Pipeline stages: each stage's squared norm (a parameter held by
+    several stages counted once, `grad_norm_params`) summed over the stages.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    counted = getattr(model, "grad_norm_params", None)
+    groups: dict = {}  # one group per device mesh (None: plain tensors)
+    for p in params:
+        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    if counted is None and len(groups) <= 1:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if counted is not None:  # pipeline stages: plain tensors, a shared parameter counted once
+        ids = {id(p) for p in counted()}
+        counted_groups = {None: [p.grad for p in params if id(p) in ids]}
+    else:
+        counted_groups = groups
+    sq = torch.zeros((), dtype=torch.float32, device=params[0].grad.device if params else "cpu")
+    for grads in counted_groups.values():
+        if grads:
+            n = torch.nn.utils.get_total_norm(grads)
+            sq = sq + (n.full_tensor() if hasattr(n, "full_tensor") else n).float().square()
+    if counted is not None and dist.is_initialized():
+        dist.all_reduce(sq)
+    norm = sq.sqrt()
+    coef = max_norm / (float(norm) + 1e-6)
+    if coef < 1.0:
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
+    return norm
 
 
 def world() -> tuple[int, int]:

@@ -9,13 +9,14 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from trainer.distributed import Dist, all_reduce_max, all_reduce_sum, grad_sync
+from trainer.distributed import Dist, all_reduce_max, all_reduce_sum, clip_grad_norm, grad_sync
 from trainer.errors import NonFiniteLoss, StopRequested
 from trainer.evaluation import EvalContext, evaluate_all
 from trainer.evaluation.retrieval import RETRIEVAL_LOGGED
 from trainer.metrics import Logger
 from trainer.objectives.base import Objective, to_device
 from trainer.precision import autocast
+from trainer.transforms.tensor_parallel import sum_partial_grads
 
 __all__ = ["Loop", "TrainState", "train_step", "evaluate", "fit", "NonFiniteLoss", "StopRequested"]
 
@@ -60,24 +61,31 @@ def train_step(lp: Loop, step: int) -> dict[str, torch.Tensor]:
     batch = lp.objective.prepare(lp.stream.batch(step), lp.gen)
     total = max(lp.objective.num_targets(batch), 1)  # global: the loss is a mean over every target
     lr = lp.optimizer.param_groups[0]["lr"]  # the lr this step's update uses (logged as train/lr)
-    micros = lp.objective.micro_batches(batch, lp.dist.rank, lp.dist.world_size, lp.cfg.grad_accum)
-    loss_sum = torch.zeros((), device=lp.device)
-    correct = torch.zeros((), device=lp.device)
-    for i, micro in enumerate(micros):
-        with grad_sync(lp.model, i == len(micros) - 1):
-            with autocast(lp.precision, lp.device):
-                ls, c = lp.objective.loss(lp.model, to_device(micro, lp.device))
-            # DDP/FSDP average gradients over ranks, so scale by world size to get the global mean.
-            lp.scaler.scale(ls * (lp.dist.world_size / total)).backward()
-        loss_sum += ls.detach().float()
-        correct += c.detach()
+    d = lp.dist
+    micros = lp.objective.micro_batches(batch, d.dp_rank, d.dp_size, lp.cfg.grad_accum)
+    # Data parallelism averages gradients over the replicas, so scale by their number to get the
+    # global mean.
+    factor = d.dp_size / total
+    forward_backward = getattr(lp.model, "forward_backward", None)  # pipeline stages run their own schedule
+    if forward_backward is not None:
+        with autocast(lp.precision, lp.device):
+            loss_sum, correct = forward_backward(micros, lp.objective, factor, lp.scaler)
+    else:
+        loss_sum = torch.zeros((), device=lp.device)
+        correct = torch.zeros((), device=lp.device)
+        for i, micro in enumerate(micros):
+            with grad_sync(lp.model, i == len(micros) - 1):
+                with autocast(lp.precision, lp.device):
+                    ls, c = lp.objective.loss(lp.model, to_device(micro, lp.device))
+                lp.scaler.scale(ls * factor).backward()
+            loss_sum += ls.detach().float()
+            correct += c.detach()
+    sum_partial_grads(lp.model)  # tensor parallel: parameters each rank used on its own heads only
     # Gradients are unscaled before clipping, so the clip threshold and the logged norm are the
     # true ones under fp16 as well.
     lp.scaler.unscale_(lp.optimizer)
     clip = lp.cfg.grad_clip if lp.cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(lp.model.parameters(), clip)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = clip_grad_norm(lp.model, clip)
     # One small collective per step: every rank must agree to stop (bad loss or a signal).
     flags = all_reduce_max(torch.tensor([float(not torch.isfinite(loss_sum)), float(lp.stop_signal())]),
                            lp.dist).tolist()
@@ -155,7 +163,9 @@ def fit(lp: Loop, state: TrainState) -> TrainState:
 
 
 def _log_train(lp: Loop, state: TrainState, window: dict, out: dict, elapsed: float) -> None:
-    sums = all_reduce_sum(torch.stack([window["loss_sum"], window["correct"]]).float(), lp.dist).tolist()
+    # Ranks holding pieces of one replica (tensor / pipeline parallel) hold the same sums: count one.
+    sums = all_reduce_sum(torch.stack([window["loss_sum"], window["correct"]]).float() * float(lp.dist.counts),
+                          lp.dist).tolist()
     loss = sums[0] / max(window["total"], 1.0)
     tps = window["tokens"] / max(elapsed, 1e-9)
     metrics = {"train/loss": loss, "train/accuracy": sums[1] / max(window["total"], 1.0),

@@ -43,6 +43,9 @@ def decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def _adamw(groups: list[dict], cfg) -> torch.optim.AdamW:
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    kinds = {type(p).__name__ == "DTensor" for g in groups for p in g["params"]}
+    if len(kinds) > 1:  # tensor parallel: DTensor shards beside replicated tensors; the multi-tensor
+        return torch.optim.AdamW(groups, foreach=False, **kw)  # kernels take one kind per call
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):  # fused unsupported here (device, dtype or DTensor)
@@ -54,7 +57,8 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
     adamw: AdamW with weight decay on matmul weights and the token embedding only
     (`decay_parameters`). muon: `MuonAdamW` (Muon for the blocks' 2-D linear weights, AdamW as
     above for everything else). AdamW uses the fused kernel (one pass over all parameters) where
-    this torch has it for the device, otherwise the multi-tensor `foreach` path.
+    this torch has it for the device, otherwise the multi-tensor `foreach` path; tensor parallel
+    (DTensor shards beside plain replicated parameters) the per-parameter path.
     """
     if getattr(cfg, "name", "adamw") == "muon":
         return MuonAdamW(model, cfg)

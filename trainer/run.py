@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +36,7 @@ from trainer.runs.resume import check_line, check_resume_config, set_aside
 from trainer.runs.summary import announce, components, finish
 from trainer.transforms import apply_transforms
 from trainer.transforms.compile import reset_compile
+from trainer.transforms.parallel import SHARDED, model_copies
 
 __all__ = ["run", "build", "build_wrapped_model", "components", "hydra_run_dir"]
 
@@ -147,6 +148,8 @@ def build(cfg: DictConfig, run_dir: str, d: Dist, received: list[int] | None = N
     """Build a run in order: device, resume checkpoint, corpus and tokenizer, model (seeded the same
     on every rank), optimizer, schedule, scaler, restored state, objective, evaluators, logger."""
     received = received if received is not None else []
+    # Tensor / pipeline parallel: the ranks of one model replica see the same rows of every batch.
+    d = replace(d, copies=model_copies(cfg.parallel.kind, cfg.parallel.get("tp_size"), d.world_size))
     device = resolve_device(cfg.trainer.device, d.local_rank)
     reset_peak_memory(device)  # this run's own peak, not the process's (a multirun shares it)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -171,9 +174,11 @@ def build(cfg: DictConfig, run_dir: str, d: Dist, received: list[int] | None = N
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps)
     scaler = build_scaler(cfg.precision.dtype, device, cfg.precision.init_scale)
     gen = torch.Generator().manual_seed(cfg.seed)  # objective masks: same stream on every rank
-    seed_all(cfg.seed + 1 + d.rank)  # dropout differs per rank, reproducibly
+    # Dropout differs per data-parallel rank, reproducibly; the ranks of one tensor-parallel replica
+    # draw the same masks (their activations are replicated).
+    seed_all(cfg.seed + 1 + d.dp_rank)
 
-    sharded = cfg.parallel.kind == "fsdp"
+    sharded = cfg.parallel.kind in SHARDED
     state = TrainState()
     saved_max_steps = None
     if payload is not None:

@@ -18,6 +18,8 @@ from conftest import run_cli, tiny_cli_args
 ENC = ["model=encoder", "objective=contrastive"]  # a retrieval encoder (data=pairs needs it)
 MISSING = "/nonexistent/for-validation/file.txt"
 LAUNCHED = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}  # what torchrun sets (nothing is joined)
+LAUNCHED3 = {**LAUNCHED, "WORLD_SIZE": "3"}
+LAUNCHED4 = {**LAUNCHED, "WORLD_SIZE": "4"}
 
 # (overrides, words the one error line must contain, extra environment)
 RULES = [
@@ -129,6 +131,27 @@ RULES = [
     pytest.param(["parallel=ddp"], ["parallel=ddp", "torchrun"], None, id="parallel-needs-torchrun"),
     pytest.param(["quantize=qat_int8", "parallel=fsdp"], ["quantize=qat_int8", "parallel=fsdp"], LAUNCHED,
                  id="qat-int8-with-fsdp"),
+    pytest.param(["trainer.async_checkpoint=true", "parallel=ddp"], ["trainer.async_checkpoint=true", "parallel=ddp"],
+                 LAUNCHED, id="async-checkpoint-needs-sharded"),
+    # ---- tensor / pipeline parallelism (_validate_model_parallel)
+    pytest.param(["parallel=pp", "parallel.pp_schedule=zb"], ["parallel.pp_schedule", "zb", "1f1b"], LAUNCHED,
+                 id="pp-schedule-choice"),
+    pytest.param(["parallel=fsdp_tp", "parallel.tp_size=0"], ["parallel.tp_size=0", "> 0"], LAUNCHED,
+                 id="tp-size-positive"),
+    pytest.param([*ENC, "parallel=tp"], ["objective=contrastive", "parallel=tp"], LAUNCHED, id="contrastive-with-tp"),
+    pytest.param(["parallel=tp", "trainer.compile=true"], ["trainer.compile=true", "parallel=tp"], LAUNCHED,
+                 id="compile-with-tp"),
+    pytest.param(["parallel=fsdp_tp", "parallel.tp_size=3"], ["parallel.tp_size=3", "world size 2"], LAUNCHED,
+                 id="tp-size-divides-world"),
+    pytest.param(["model=encoder", "parallel=pp"], ["parallel=pp", "model=encoder", "objective=mlm"], LAUNCHED,
+                 id="pp-decoder-only"),
+    pytest.param(["parallel=pp"], ["parallel=pp", "model.num_layers=2", "4 ranks"], LAUNCHED4,
+                 id="pp-block-per-rank"),
+    pytest.param(["parallel=pp", "parallel.pp_schedule=1f1b"], ["parallel.pp_schedule=1f1b", "trainer.grad_accum",
+                                                                "got 1"], LAUNCHED, id="pp-1f1b-micro-batches"),
+    pytest.param(["parallel=tp"], ["model.num_heads=4", "3 tensor-parallel ranks"], LAUNCHED3, id="tp-heads-divisible"),
+    pytest.param(["parallel=tp", "model.d_ff=65"], ["model.d_ff=65", "2 tensor-parallel ranks"], LAUNCHED,
+                 id="tp-d-ff-divisible"),
 ]
 
 

@@ -129,6 +129,8 @@ class PrecisionConfig:
 class ParallelConfig:
     kind: str = "single"
     timeout_s: int = 300  # collective timeout, so a dead rank cannot hang the others forever
+    tp_size: Optional[int] = None  # fsdp_tp: ranks per tensor-parallel group (None: 2); tp uses every rank
+    pp_schedule: str = "gpipe"  # pp: gpipe | 1f1b, over trainer.grad_accum micro-batches
 
 
 @dataclass

@@ -30,7 +30,8 @@ from trainer.quantize import QUANTIZE
 from trainer.retrieval.embedding import POOLINGS
 from trainer.transforms.checkpointing import AC_MODES
 from trainer.transforms.compile import COMPILE_CHOICES
-from trainer.transforms.parallel import PARALLELS
+from trainer.transforms.parallel import MODEL_PARALLEL, PARALLELS, SHARDED, model_copies
+from trainer.transforms.pipeline import PP_SCHEDULES
 
 
 def _choice(value: str, valid: tuple, key: str) -> None:
@@ -112,6 +113,7 @@ def validate(cfg: DictConfig | Config, world_size: int = 1, launched: bool = Fal
         raise ConfigError("data=hub needs data.name=<a Hugging Face dataset name>.")
     _validate_tokens(cfg)
     _validate_trainer(cfg, world_size, launched)
+    _validate_model_parallel(cfg, objective, world_size)
     _validate_recipe(cfg, objective)
     try:
         requested_backend()
@@ -221,10 +223,14 @@ def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool)
         if not os.path.exists(os.path.expanduser(t.resume)):
             raise ConfigError(f"trainer.resume={t.resume!r}: no such checkpoint file or run dir "
                               f"(use auto, never, or a path).")
-    per_step = world_size * t.grad_accum
+    par = cfg.parallel
+    copies = model_copies(par.kind, par.get("tp_size"), world_size) if world_size > 1 else 1
+    replicas = max(world_size // copies, 1)
+    per_step = replicas * t.grad_accum
     if t.batch_size % per_step:
+        what = "world size" if copies == 1 else f"data-parallel replicas (world size / {copies} ranks per replica)"
         raise ConfigError(f"trainer.batch_size={t.batch_size} (global) must be divisible by "
-                          f"world size x trainer.grad_accum = {world_size} x {t.grad_accum}.")
+                          f"{what} x trainer.grad_accum = {replicas} x {t.grad_accum}.")
     _positive(o.lr, "optim.lr")
     _positive(o.weight_decay, "optim.weight_decay", zero_ok=True)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -238,15 +244,53 @@ def _validate_trainer(cfg: DictConfig | Config, world_size: int, launched: bool)
     if cfg.parallel.kind != "single" and not launched:
         raise ConfigError(f"parallel={cfg.parallel.kind} needs a torchrun launch, e.g. "
                           f"torchrun --nproc_per_node=N -m trainer parallel={cfg.parallel.kind}.")
-    if cfg.parallel.kind == "fsdp" and cfg.quantize.method == "qat_int8":
-        raise ConfigError("quantize=qat_int8 cannot be combined with parallel=fsdp; use parallel=ddp.")
-    if t.async_checkpoint and cfg.parallel.kind != "fsdp":
-        raise ConfigError(f"trainer.async_checkpoint=true needs parallel=fsdp (sharded checkpoints), but "
-                          f"parallel={cfg.parallel.kind}; set trainer.async_checkpoint=false or use parallel=fsdp.")
+    if cfg.parallel.kind in SHARDED and cfg.quantize.method == "qat_int8":
+        raise ConfigError(f"quantize=qat_int8 cannot be combined with parallel={cfg.parallel.kind}; use parallel=ddp.")
+    if t.async_checkpoint and cfg.parallel.kind not in SHARDED:
+        raise ConfigError(f"trainer.async_checkpoint=true needs sharded checkpoints (parallel={'|'.join(SHARDED)}), "
+                          f"but parallel={cfg.parallel.kind}; set trainer.async_checkpoint=false or use parallel=fsdp.")
     _choice(t.activation_checkpointing, AC_MODES, "trainer.activation_checkpointing")
     _positive(t.ac_every, "trainer.ac_every")
 
 
+
+
+def _validate_model_parallel(cfg: DictConfig | Config, objective: str, world_size: int) -> None:
+    """parallel=tp | fsdp_tp | pp: what a model split across ranks needs (sizes that divide, and
+    the objectives and transforms built for it)."""
+    par, m, kind = cfg.parallel, cfg.model, cfg.parallel.kind
+    if kind not in MODEL_PARALLEL:
+        return
+    _choice(par.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
+    if par.tp_size is not None:
+        _positive(par.tp_size, "parallel.tp_size")
+    if objective == "contrastive":
+        raise ConfigError(f"objective=contrastive cannot be combined with parallel={kind} (its in-batch negatives "
+                          f"are gathered over every rank); use parallel=ddp|fsdp.")
+    if str(cfg.trainer.compile).lower() == "true":
+        raise ConfigError(f"trainer.compile=true is not supported with parallel={kind}; use trainer.compile=false "
+                          f"(or auto, which stays eager there).")
+    copies = model_copies(kind, par.tp_size, world_size)
+    if world_size % copies:
+        raise ConfigError(f"parallel.tp_size={copies} must divide the world size {world_size} (parallel=fsdp_tp "
+                          f"lays the ranks out as world / tp_size FSDP rows of tp_size TP ranks).")
+    if kind == "pp":
+        if m.arch != "decoder" or objective != "clm":
+            raise ConfigError(f"parallel=pp trains model=decoder with objective=clm; got model={m.arch} "
+                              f"objective={objective} (use parallel=ddp|fsdp|tp for it).")
+        if m.num_layers < world_size:
+            raise ConfigError(f"parallel=pp puts at least one block on each of the {world_size} ranks, but "
+                              f"model.num_layers={m.num_layers}; use more layers or fewer processes.")
+        if par.pp_schedule == "1f1b" and cfg.trainer.grad_accum < world_size:
+            raise ConfigError(f"parallel.pp_schedule=1f1b needs trainer.grad_accum (the micro-batches) >= the "
+                              f"{world_size} pipeline stages; got {cfg.trainer.grad_accum}.")
+        return
+    kv = m.num_kv_heads if m.num_kv_heads is not None else m.num_heads
+    tp = copies if kind == "fsdp_tp" else world_size
+    for key, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv), ("model.d_ff", m.d_ff)):
+        if value % tp:
+            raise ConfigError(f"{key}={value} must be divisible by the {tp} tensor-parallel ranks of parallel={kind} "
+                              f"(each rank computes {key.split('.')[1]} / {tp} of it).")
 
 
 def _validate_recipe(cfg: DictConfig | Config, objective: str) -> None:
@@ -258,9 +302,10 @@ def _validate_recipe(cfg: DictConfig | Config, objective: str) -> None:
         _positive(o.muon_weight_decay, "optim.muon_weight_decay", zero_ok=True)
         _positive(o.muon_ns_steps, "optim.muon_ns_steps")
         _choice(o.muon_adjust_lr, MUON_ADJUST_LR, "optim.muon_adjust_lr")
-        if cfg.parallel.kind == "fsdp":
-            raise ConfigError("optim=muon cannot be combined with parallel=fsdp (Muon orthogonalizes whole weight "
-                              "matrices, FSDP shards them across ranks); use parallel=ddp|single or optim=adamw.")
+        if cfg.parallel.kind in ("fsdp", "tp", "fsdp_tp"):
+            raise ConfigError(f"optim=muon cannot be combined with parallel={cfg.parallel.kind} (Muon orthogonalizes "
+                              f"whole weight matrices, which are sharded across ranks there); use "
+                              f"parallel=ddp|single|pp or optim=adamw.")
     if sch.name == "wsd":
         if not 0 < sch.decay_fraction <= 1:
             raise ConfigError(f"schedule.decay_fraction={sch.decay_fraction} is out of range; it must be in (0, 1] "

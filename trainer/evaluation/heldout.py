@@ -47,10 +47,10 @@ class HeldOutLoss:
         for blocks in eval_sample(self.val_blocks, ctx.batch_size, self.eval_batches):
             if all_reduce_max(torch.tensor([float(ctx.stop_signal())]), d).item():
                 return None
-            part, counts = obj.eval_rows(obj.prepare(blocks, gen), d.rank, d.world_size)
+            part, counts = obj.eval_rows(obj.prepare(blocks, gen), d.dp_rank, d.dp_size)
             with autocast(ctx.precision, ctx.device):
                 ls, c = obj.loss(model, to_device(part, ctx.device))
-            if counts:
+            if counts and d.counts:  # one rank per model replica
                 nbytes = obj.num_target_bytes(part)  # None: bits per byte is undefined
                 sums += torch.tensor([float(ls), float(c), float(obj.num_targets(part)),
                                       float(part[obj.rows_key].shape[0]),

@@ -31,6 +31,7 @@ from trainer.errors import ConfigError
 from trainer.distributed import Dist, unwrap
 from trainer.runs.checkpoint_files import EXTRA, is_complete, is_sharded, list_checkpoints, rotate  # noqa: F401
 from trainer.runs.dcp import dcp_metadata, full_model_state, safe_reader, save_sharded, wait_for_checkpoints  # noqa: F401
+from trainer.runs.tp_layout import canonical_buffers, from_canonical, full_to_tp_order
 
 FORMAT = 1
 
@@ -100,7 +101,11 @@ def save_checkpoint(directory: str, step: int, *, model: nn.Module, optimizer: t
     path = os.path.join(directory, f"step_{step:08d}.pt")
     if d.is_main:
         os.makedirs(directory, exist_ok=True)
-        payload = {**extra, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+        names = {id(p): n for n, p in unwrap(model).named_parameters()}
+        payload = {**extra, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                   # the optimizer's numbered parameters by name, so a layout holding part of the
+                   # model (a pipeline stage) can pick its own
+                   "optim_names": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]}
         tmp = path + ".tmp"
         torch.save(payload, tmp)
         os.replace(tmp, path)  # atomic: a reader sees the old set or the complete new file
@@ -206,36 +211,71 @@ def check_structure(payload: dict, path: str, structure: dict, defaults: dict | 
 
 
 
-def _fqn_optim(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _fqn_optim(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+               saved_names: list[list[str]] | None = None) -> dict:
     """An `optimizer.state_dict()` (parameters numbered) keyed by parameter names instead, the
-    form `set_state_dict` takes; one already keyed by names is returned as is."""
+    form `set_state_dict` takes; one already keyed by names is returned as is. `saved_names`: the
+    names the checkpoint recorded for its numbered parameters (else the live optimizer's, in order)."""
     if all(isinstance(p, str) for g in saved["param_groups"] for p in g["params"]):
         return saved
-    names = {id(p): n for n, p in unwrap(model).named_parameters()}
-    live = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    if saved_names is not None:
+        live = [n for g in saved_names for n in g]
+    else:
+        names = {id(p): n for n, p in unwrap(model).named_parameters()}
+        live = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     ids = dict(zip((p for g in saved["param_groups"] for p in g["params"]), live))
     return {"state": {ids[k]: v for k, v in saved["state"].items()},
             "param_groups": [{**g, "params": [ids[p] for p in g["params"]]} for g in saved["param_groups"]]}
+
+
+def _own(full: dict, names: set[str]) -> dict:
+    """The entries of a full state (model tensors or `{"state", "param_groups"}`) this rank's model
+    holds (a pipeline stage holds a slice of the model)."""
+    if "state" in full:
+        return {"state": {k: v for k, v in full["state"].items() if k in names},
+                "param_groups": [{**g, "params": [p for p in g["params"] if p in names]} for g in full["param_groups"]]}
+    return {k: v for k, v in full.items() if k in names}
+
+
+_IMPL = ("fused", "foreach", "capturable", "differentiable")  # how this process runs the update, not what it is
+
+
+def _groups(saved: list[dict], live: list[dict]) -> list[dict]:
+    """The saved groups' hyper-parameters on the live groups' parameter names, keeping the live
+    optimizer's implementation flags (a tensor-parallel optimizer runs per parameter, another
+    layout's may be fused)."""
+    return [{**s, "params": now["params"], **{k: now[k] for k in _IMPL if k in now}} for s, now in zip(saved, live)]
 
 
 def _load_tensors(payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> None:
     """Weights and optimizer state from either layout into the live model's layout (resharded)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+    model = unwrap(model) if getattr(model, "wraps_module", False) else model  # a pipeline stage's own slice
     if "dcp" in payload:  # every rank reads the pieces of the saved shards it now owns
         import torch.distributed.checkpoint as dcp  # heavy; only sharded checkpoints need it
 
         model_sd, optim_sd = get_state_dict(model, optimizer)  # this layout's tensors, filled in place
+        live = canonical_buffers(model, model_sd, optim_sd["state"])  # tensor parallel: the saved row order
         tensors = {"model": model_sd, "optim": optim_sd["state"]}
         with warnings.catch_warnings():  # DCP warns when it loads in one process: a supported resume here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(tensors, storage_reader=safe_reader(payload["dcp"]),
                      no_dist=not (dist.is_available() and dist.is_initialized()))
+        from_canonical(model, model_sd, optim_sd["state"], live)
+        # The saved hyper-parameters on this layout's parameter names (a pipeline stage saves its own).
+        groups = _groups(payload["optim_groups"], optim_sd["param_groups"])
         set_state_dict(model, optimizer, model_state_dict=model_sd,
-                       optim_state_dict={"state": optim_sd["state"], "param_groups": payload["optim_groups"]})
-    elif sharded:  # a full single-file checkpoint into FSDP: each rank keeps its shard of it
-        set_state_dict(model, optimizer, model_state_dict=payload["model"],
-                       optim_state_dict=_fqn_optim(payload["optimizer"], model, optimizer),
+                       optim_state_dict={"state": optim_sd["state"], "param_groups": groups})
+    elif sharded:  # a full single-file checkpoint into a sharded layout: each rank keeps its part
+        names = set(model.state_dict())
+        optim = _own(_fqn_optim(payload["optimizer"], model, optimizer, payload.get("optim_names")), names)
+        optim["param_groups"] = [{**g, **{k: now[k] for k in _IMPL if k in now}}
+                                 for g, now in zip(optim["param_groups"], optimizer.param_groups)]
+        full = full_to_tp_order(model, _own(payload["model"], names))
+        optim["state"] = {k: {n: (full_to_tp_order(model, {k: t})[k] if t.dim() else t) for n, t in v.items()}
+                          for k, v in optim["state"].items()}
+        set_state_dict(model, optimizer, model_state_dict=full, optim_state_dict=optim,
                        options=StateDictOptions(full_state_dict=True))
     else:
         unwrap(model).load_state_dict(payload["model"])
@@ -265,7 +305,7 @@ def restore(payload: dict, path: str, *, model: nn.Module, optimizer: torch.opti
         set_rng_state(rngs[d.rank], gen)
     else:
         seed = payload.get("meta", {}).get("config", {}).get("seed", 0)
-        derive_rng_state(seed, payload["step"], d.rank, rngs[0]["objective"], gen)
+        derive_rng_state(seed, payload["step"], d.dp_rank, rngs[0]["objective"], gen)
     return payload["train_state"]
 def structure(cfg) -> dict:
     """What a checkpoint's tensors depend on (checked on resume, for a one-sentence mismatch error)."""

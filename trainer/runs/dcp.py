@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from trainer.distributed import Dist
+from trainer.distributed import Dist, unwrap
 from trainer.errors import ConfigError
 from trainer.runs.checkpoint_files import EXTRA, rotate
+from trainer.runs.tp_layout import to_canonical
 
 _PENDING: list[dict] = []  # an async DCP save still writing (at most one)
 _ASYNC_GROUP: list = []  # (default group, the gloo group async saves coordinate on)
@@ -36,7 +37,9 @@ def save_sharded(directory: str, step: int, model: nn.Module, optimizer: torch.o
     import torch.distributed.checkpoint as dcp  # heavy; only sharded runs need it
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    model = unwrap(model)  # a pipeline stage: its own slice of the model, under the model's names
     model_sd, optim_sd = get_state_dict(model, optimizer)  # each rank's own shards: nothing is gathered
+    to_canonical(model, model_sd, optim_sd["state"])  # tensor parallel: packed rows in the model's order
     tensors = {"model": model_sd, "optim": {k: v for k, v in optim_sd["state"].items()}}
     extra["optim_groups"] = optim_sd["param_groups"]  # hyper-parameters: plain values, kept out of DCP's pickles
     path = os.path.join(directory, f"step_{step:08d}.dcp")

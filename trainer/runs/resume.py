@@ -25,7 +25,7 @@ HONOURED = ("trainer.max_steps", "trainer.steps_per_run", "trainer.eval_every", 
             "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.resume",
             "trainer.progress", "trainer.threads", "trainer.device", "trainer.compile",
             "data.cache_dir", "data.num_proc", "parallel.timeout_s", "quantize.",
-            "attention.kind", "attention.block_size", "sweep.", "parallel.kind", "trainer.async_checkpoint",
+            "attention.kind", "attention.block_size", "sweep.", "parallel.kind", "parallel.tp_size", "parallel.pp_schedule", "trainer.async_checkpoint",
             "trainer.activation_checkpointing", "trainer.ac_every")
 
 

@@ -6,6 +6,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,6 +19,8 @@ from trainer.quantize import finalize_qat
 from trainer.quantize.post_training import post_training_report
 from trainer.runs.artifacts import save_weights
 from trainer.transforms.compile import compile_enabled
+from trainer.transforms.parallel import SHARDED
+from trainer.runs.tp_layout import full_to_model_order
 
 
 def components(cfg: DictConfig, device: torch.device | None = None) -> dict:
@@ -50,21 +53,31 @@ def announce(logger: Logger, cfg: DictConfig, run_dir: str, resume_path: str | N
                    f"device {device}, {d.world_size} process(es)")
 
 
-def final_weights(model: torch.nn.Module, sharded: bool) -> dict:
-    """The trained model's full state_dict on the CPU (FSDP: gathered once from every rank)."""
-    if sharded:
+def final_weights(model: torch.nn.Module, kind: str) -> dict:
+    """The trained model's full state_dict on the CPU of rank 0, in the model's own layout.
+
+    fsdp, tp, fsdp_tp: every sharded tensor gathered once (TP's packed rows put back in the
+    model's order); pp: every stage's own tensors gathered to rank 0; otherwise this process's.
+    """
+    if kind in ("fsdp", "tp", "fsdp_tp"):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full_to_model_order(model, full)
+    own = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    if kind == "pp" and dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, own)
+        own = {k: v for part in parts for k, v in part.items()}
+    return own
 
 
 def finish(cfg: DictConfig, summary: dict, model: torch.nn.Module, objective, corpus, device: torch.device,
            d: Dist, t_start: float, retrieval=None) -> dict:
     """Final weights (model.pt, model.safetensors), post-training quantization (judged by
     retrieval too when the run has a held-out search), summary.json. Returns the summary."""
-    sharded = cfg.parallel.kind == "fsdp"
-    weights = final_weights(model, sharded)
+    sharded = cfg.parallel.kind in SHARDED
+    weights = final_weights(model, cfg.parallel.kind)
     if cfg.quantize.method == "qat_int8":
         weights = finalize_qat(unwrap(model), weights)
     summary.update(wall_time_s=time.perf_counter() - t_start, peak_memory_mb=peak_memory_mb(device),

@@ -1,8 +1,8 @@
 """Model transforms, applied in one place and one order (torchtitan's `parallelize`).
 
 QAT (fake-quantized linears, so the wrappers below see the final modules) -> device -> activation
-checkpointing -> compile (regional, each block in place) -> data parallelism (DDP or FSDP2, with
-FSDP2's mixed-precision policy). Every transform takes a model and returns it; the loop sees only
+checkpointing -> compile (regional, each block in place) -> parallelism (DDP or FSDP2, with
+FSDP2's mixed-precision policy; tensor parallel, FSDP x TP, or pipeline stages). Every transform takes a model and returns it; the loop sees only
 the result.
 """
 from __future__ import annotations
@@ -32,4 +32,6 @@ def apply_transforms(model: nn.Module, cfg, device: torch.device, d: Dist) -> nn
     t = cfg.trainer
     model = apply_activation_checkpointing(model, t.get("activation_checkpointing", "none"), t.get("ac_every", 2))
     model = apply_compile(model, compile_enabled(t.compile, device))
-    return apply_parallel(model, cfg.parallel.kind, device, d, cfg.precision.dtype)
+    par = cfg.parallel
+    return apply_parallel(model, par.kind, device, d, cfg.precision.dtype, tp_size=par.get("tp_size"),
+                          grad_accum=t.grad_accum, pp_schedule=par.get("pp_schedule", "gpipe"))
