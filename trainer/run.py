@@ -38,7 +38,7 @@ from trainer.transforms import apply_transforms
 from trainer.transforms.compile import reset_compile
 from trainer.transforms.parallel import SHARDED, model_copies
 
-__all__ = ["run", "build", "build_wrapped_model", "components", "hydra_run_dir"]
+__all__ = ["run", "build", "build_wrapped_model", "place", "components", "hydra_run_dir"]
 
 
 def hydra_run_dir() -> str:
@@ -144,12 +144,17 @@ def check_resume(cfg: DictConfig, ckpt_dir: str, resume_path: str | None,
     return (check_resume_config(saved, to_container(cfg), resume_path) if saved else []), superseded
 
 
+def place(cfg: DictConfig, d: Dist) -> Dist:
+    """`d` with `copies` set for `cfg.parallel`: under tensor / pipeline parallelism the ranks of one
+    model replica share the rows of every batch (`Dist.dp_rank`, `Dist.dp_size`, `Dist.counts`)."""
+    return replace(d, copies=model_copies(cfg.parallel.kind, cfg.parallel.get("tp_size"), d.world_size))
+
+
 def build(cfg: DictConfig, run_dir: str, d: Dist, received: list[int] | None = None) -> Run:
     """Build a run in order: device, resume checkpoint, corpus and tokenizer, model (seeded the same
     on every rank), optimizer, schedule, scaler, restored state, objective, evaluators, logger."""
     received = received if received is not None else []
-    # Tensor / pipeline parallel: the ranks of one model replica see the same rows of every batch.
-    d = replace(d, copies=model_copies(cfg.parallel.kind, cfg.parallel.get("tp_size"), d.world_size))
+    d = place(cfg, d)
     device = resolve_device(cfg.trainer.device, d.local_rank)
     reset_peak_memory(device)  # this run's own peak, not the process's (a multirun shares it)
     ckpt_dir = os.path.join(run_dir, "checkpoints")

@@ -13,10 +13,15 @@ from tb import read_scalars
 COMMON = ["trainer.max_steps=6", "trainer.log_every=1", "trainer.threads=1", "model.dropout=0.0"]
 
 
+def torchrun_cmd(*args: str, nproc: int = 2, launcher: tuple[str, ...] = ()) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=NPROC [LAUNCHER flags] -m trainer ARGS` as argv."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *launcher, "-m", "trainer", *args]
+
+
 def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "trainer", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(*args, nproc=nproc), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
