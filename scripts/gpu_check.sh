@@ -55,6 +55,11 @@ sec gpt2_cli 75 "$PY -m trainer $G2 precision=bf16 $common trainer.max_steps=$((
 TAILN=20 sec attention 45 "$PY scripts/bench_attention.py --device $DEV --lengths $LENS --dtypes bf16 --kernels standard flash tiled --batch $ATT_B --heads 12 --max-mem-mib 60000 --out-dir $logs"
 TAILN=45 sec retrieval 100 "$PY -m trainer experiment=rag_encoder precision=bf16 $common trainer.max_steps=$RSTEPS hydra.run.dir=/tmp/rag > $logs/rag_train.log 2>&1; tail -n 3 $logs/rag_train.log; $PY scripts/bench_retrieval.py --run-dir /tmp/rag --device $DEV --repeats 3 --max-length 65536 --budget-mb 2048"
 sec fsdp 45 "$PY -m torch.distributed.run --standalone --nproc_per_node=1 -m trainer parallel=fsdp precision=bf16 $common trainer.max_steps=40 trainer.eval_every=40 hydra.run.dir=/tmp/fsdp && cat /tmp/fsdp/summary.json"
+# FSDP2's bf16 policy with activation checkpointing at the GPT-2-small size (NCCL, world size 1): its MFU
+sec fsdp_ac 60 "$PY -m torch.distributed.run --standalone --nproc_per_node=1 -m trainer $G2 parallel=fsdp precision=bf16 trainer.activation_checkpointing=full $common trainer.max_steps=$(( STEPS/5 )) trainer.eval_every=$(( STEPS/5 )) trainer.log_every=10 hydra.run.dir=/tmp/fsdp_ac && cat /tmp/fsdp_ac/summary.json"
+# Tensor and pipeline parallelism on every GPU the machine has (one rank each; 1 GPU: a mesh of one)
+NGPU=$($PY -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+sec tp_pp 60 "$PY -m torch.distributed.run --standalone --nproc_per_node=$NGPU -m trainer parallel=tp precision=bf16 $common trainer.max_steps=20 trainer.eval_every=20 hydra.run.dir=/tmp/tp && $PY -m torch.distributed.run --standalone --nproc_per_node=$NGPU -m trainer parallel=pp trainer.grad_accum=$NGPU precision=bf16 $common trainer.max_steps=20 trainer.eval_every=20 hydra.run.dir=/tmp/pp && grep -h eval/loss /tmp/tp/summary.json /tmp/pp/summary.json"
 TAILN=20 sec quantize 45 "$PY scripts/bench_quantize.py --device $DEV --compile false --eval-batches 2 --latency-batches 5"
 sec gpt2_compile 60 "$PY -m trainer $G2 precision=bf16 $common trainer.compile=auto trainer.max_steps=$(( STEPS/5 )) trainer.eval_every=$(( STEPS/5 )) trainer.log_every=10 hydra.run.dir=/tmp/g2c && cat /tmp/g2c/summary.json"
 

@@ -141,6 +141,8 @@ RULES = [
     pytest.param([*ENC, "parallel=tp"], ["objective=contrastive", "parallel=tp"], LAUNCHED, id="contrastive-with-tp"),
     pytest.param(["parallel=tp", "trainer.compile=true"], ["trainer.compile=true", "parallel=tp"], LAUNCHED,
                  id="compile-with-tp"),
+    pytest.param(["parallel=tp", "parallel.tp_size=4"], ["parallel.tp_size=4", "parallel=fsdp_tp"], LAUNCHED,
+                 id="tp-uses-every-rank"),
     pytest.param(["parallel=fsdp_tp", "parallel.tp_size=3"], ["parallel.tp_size=3", "world size 2"], LAUNCHED,
                  id="tp-size-divides-world"),
     pytest.param(["model=encoder", "parallel=pp"], ["parallel=pp", "model=encoder", "objective=mlm"], LAUNCHED,

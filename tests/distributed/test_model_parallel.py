@@ -147,3 +147,13 @@ def test_fsdp_tp_on_four_processes(tmp_path, single):
     proc = run_cli(*tiny_cli_args(resumed, *ARGS))
     assert proc.returncode == 0, proc.stderr
     _follows(single[1], read_scalars(str(resumed)), range(4, 7))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_tp_and_pp_on_two_gpus(tmp_path, single):
+    """NCCL, one GPU per rank: both layouts train and follow the CPU run's first step (fp32; cuBLAS
+    and CPU BLAS sum in other orders, so 1e-3 on a loss of ~5.6)."""
+    for kind in ("tp", "pp"):
+        got = _launch(tmp_path / kind, f"parallel={kind}", "trainer.device=cuda")
+        assert got["train/loss"][1] == pytest.approx(single[1]["train/loss"][1], abs=1e-3), kind

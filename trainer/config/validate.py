@@ -270,6 +270,10 @@ def _validate_model_parallel(cfg: DictConfig | Config, objective: str, world_siz
     if str(cfg.trainer.compile).lower() == "true":
         raise ConfigError(f"trainer.compile=true is not supported with parallel={kind}; use trainer.compile=false "
                           f"(or auto, which stays eager there).")
+    if kind == "tp" and par.tp_size not in (None, world_size):
+        raise ConfigError(f"parallel=tp splits the model over every rank (world size {world_size}), but "
+                          f"parallel.tp_size={par.tp_size}; for TP groups inside a larger job use parallel=fsdp_tp "
+                          f"parallel.tp_size={par.tp_size}.")
     copies = model_copies(kind, par.tp_size, world_size)
     if world_size % copies:
         raise ConfigError(f"parallel.tp_size={copies} must divide the world size {world_size} (parallel=fsdp_tp "
