@@ -30,7 +30,7 @@ def decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     for module in model.modules():
         if isinstance(module, nn.Linear):
             decay_ids.add(id(module.weight))
-        elif isinstance(module, Transformer):
+        elif isinstance(module, Transformer) and module.embed is not None:  # a pipeline stage may not hold it
             decay_ids.add(id(module.embed.weight))
     seen: set[int] = set()
     decay, no_decay = [], []

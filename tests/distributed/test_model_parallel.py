@@ -149,6 +149,23 @@ def test_fsdp_tp_on_four_processes(tmp_path, single):
     _follows(single[1], read_scalars(str(resumed)), range(4, 7))
 
 
+def test_pp_three_stages(tmp_path):
+    """A middle stage (no embedding, no head), a tied embedding held by the first and last stage and
+    learned positions held by all three: gradients of shared tensors are summed over the stages that
+    hold them, so the run follows one process's."""
+    args = ["model.num_layers=3", "trainer.batch_size=12", "trainer.grad_accum=3", "position=learned",
+            "trainer.max_steps=4", "trainer.eval_every=4", "trainer.log_every=1", "trainer.threads=1",
+            "model.dropout=0.0"]
+    proc = run_cli(*tiny_cli_args(tmp_path / "one", *args))
+    assert proc.returncode == 0, proc.stderr
+    proc = torchrun(*tiny_cli_args(tmp_path / "pp", *args, "parallel=pp"), nproc=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, pp = read_scalars(str(tmp_path / "one")), read_scalars(str(tmp_path / "pp"))
+    for step in range(1, 5):
+        assert pp["train/loss"][step] == pytest.approx(one["train/loss"][step], abs=LOSS_TOL), step
+    _same_weights(tmp_path / "one", tmp_path / "pp")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_tp_and_pp_on_two_gpus(tmp_path, single):

@@ -75,7 +75,12 @@ class Pipelined(nn.Module):
             model.head = None
         self.module = model
         self.d_model, self.vocab = model.d_model, model.vocab_size
-        self.shared = [p for p in stack.position.parameters()] + ([model.embed.weight] if tied and model.embed is not None else [])
+        # Held by several stages: the position module's parameters (every stage), a tied embedding
+        # (the first and the last). Their gradients are summed over the stages that hold them.
+        self.shared = list(stack.position.parameters())
+        self.tied = [model.embed.weight] if tied and model.embed is not None and self.stages > 1 else []
+        # every rank creates the group (a collective call), only the first and last stage use it
+        self.tied_group = dist.new_group([0, self.stages - 1]) if tied and self.stages > 1 else None
         self.stage = _Stage(model, self.first, self.last)
         self._step_loss: dict = {}
         pipe_stage = PipelineStage(self.stage, self.rank, self.stages, device)
@@ -112,16 +117,17 @@ class Pipelined(nn.Module):
         return sums[0], sums[1]
 
     def _sync_shared_grads(self) -> None:
-        for p in self.shared:
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+        for params, group in ((self.shared, None), (self.tied, self.tied_group)):
+            for p in params:
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad, group=group)
 
     def grad_norm_params(self) -> list[nn.Parameter]:
         """The parameters whose gradients this rank adds to the global norm (a shared parameter
         is counted on stage 0 only)."""
-        shared = {id(p) for p in self.shared}
+        shared = {id(p) for p in self.shared + self.tied}
         return [p for p in self.module.parameters() if self.first or id(p) not in shared]
 
     @torch.no_grad()
