@@ -108,6 +108,7 @@ def test_tp_checkpoint_is_the_model_layout(single, tp_run):
 
 
 def test_tp_checkpoint_resumes_on_one_process(tmp_path, single, tp_run):
+    """The TP checkpoint, read by one process without a process group."""
     run_dir = _resume_dir(tmp_path, tp_run[0])
     proc = run_cli(*tiny_cli_args(run_dir, *ARGS))
     assert proc.returncode == 0, proc.stderr
@@ -116,6 +117,7 @@ def test_tp_checkpoint_resumes_on_one_process(tmp_path, single, tp_run):
 
 
 def test_single_checkpoint_resumes_under_tp(tmp_path, single):
+    """A single-file checkpoint: each TP rank takes its (reordered) rows of it."""
     run_dir = _resume_dir(tmp_path, single[0])
     _follows(single[1], _launch(run_dir, "parallel=tp"), range(4, 7))
 
@@ -128,13 +130,16 @@ def test_pp_follows_one_process(single, pp_run):
     assert blocks == {"0", "1"}  # both stages' blocks, under the model's own names
 
 
-def test_pp_checkpoint_resumes_under_tp(tmp_path, single, pp_run):
+def test_pp_checkpoint_resumes_on_one_process(tmp_path, single, pp_run):
     run_dir = _resume_dir(tmp_path, pp_run[0])
-    _follows(single[1], _launch(run_dir, "parallel=tp"), range(4, 7))
+    proc = run_cli(*tiny_cli_args(run_dir, *ARGS))
+    assert proc.returncode == 0, proc.stderr
+    _follows(single[1], read_scalars(str(run_dir)), range(4, 7))
 
 
-def test_single_checkpoint_resumes_under_1f1b(tmp_path, single):
-    run_dir = _resume_dir(tmp_path, single[0])
+def test_tp_checkpoint_resumes_under_1f1b(tmp_path, single, tp_run):
+    """A TP checkpoint (packed rows in the model's order) loaded by pipeline stages."""
+    run_dir = _resume_dir(tmp_path, tp_run[0])
     _follows(single[1], _launch(run_dir, "parallel=pp", "parallel.pp_schedule=1f1b"), range(4, 7))
 
 
@@ -149,21 +154,26 @@ def test_fsdp_tp_on_four_processes(tmp_path, single):
     _follows(single[1], read_scalars(str(resumed)), range(4, 7))
 
 
-def test_pp_three_stages(tmp_path):
-    """A middle stage (no embedding, no head), a tied embedding held by the first and last stage and
-    learned positions held by all three: gradients of shared tensors are summed over the stages that
-    hold them, so the run follows one process's."""
+def test_pp_three_stages_resume_a_single_file_checkpoint(tmp_path):
+    """Three stages resume one process's `.pt` checkpoint (each stage takes its own parameters and
+    their Adam state, by the names the checkpoint records) and train on: a middle stage holds no
+    embedding and no head, a tied embedding is held by the first and last stage and learned
+    positions by all three; the gradients of shared tensors are summed over the stages that hold
+    them, so the run follows one process's."""
     args = ["model.num_layers=3", "trainer.batch_size=12", "trainer.grad_accum=3", "position=learned",
-            "trainer.max_steps=4", "trainer.eval_every=4", "trainer.log_every=1", "trainer.threads=1",
-            "model.dropout=0.0"]
+            "trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=2", "trainer.log_every=1",
+            "trainer.threads=1", "model.dropout=0.0"]
     proc = run_cli(*tiny_cli_args(tmp_path / "one", *args))
     assert proc.returncode == 0, proc.stderr
-    proc = torchrun(*tiny_cli_args(tmp_path / "pp", *args, "parallel=pp"), nproc=3)
+    run_dir = _resume_dir(tmp_path, tmp_path / "one", step=2)
+    proc = torchrun(*tiny_cli_args(run_dir, *args, "parallel=pp"), nproc=3)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, pp = read_scalars(str(tmp_path / "one")), read_scalars(str(tmp_path / "pp"))
-    for step in range(1, 5):
+    assert "resuming from" in proc.stderr
+    one, pp = read_scalars(str(tmp_path / "one")), read_scalars(str(run_dir))
+    assert sorted(pp["train/loss"]) == [3, 4]
+    for step in (3, 4):
         assert pp["train/loss"][step] == pytest.approx(one["train/loss"][step], abs=LOSS_TOL), step
-    _same_weights(tmp_path / "one", tmp_path / "pp")
+    _same_weights(tmp_path / "one", run_dir)
 
 
 @pytest.mark.gpu

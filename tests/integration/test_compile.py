@@ -67,6 +67,8 @@ def test_compiled_run_gives_the_eager_losses(make_cfg, tmp_path, compiled_models
     model, enabled, _ = compiled_models[-1]
     blocks = [m for m in model.modules() if type(m).__name__ == "Block"]
     assert enabled and blocks and all(b._compiled_call_impl is not None for b in blocks)
+    # Regional: the blocks and nothing else (no whole-model graph, no stack or embedding compiled).
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules() if m not in blocks)
     assert compiled["components"]["compile"] is True
     a, b = read_scalars(str(tmp_path / "eager")), read_scalars(str(tmp_path / "compiled"))
     for step in range(1, 7):

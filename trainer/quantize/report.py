@@ -11,7 +11,6 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-import torch._inductor.config  # noqa: F401  (the compile-time settings below)
 
 from trainer.data.heldout import eval_sample
 from trainer.data.heldout import EVAL_SEED  # same masks as the logged eval/loss
@@ -156,6 +155,8 @@ def compare_variants(variants: dict[str, tuple], objective: Objective, val_block
             kernel = info.get("compiled_kernel", f"torch.compile (inductor) of: {info['kernel']}")
             rows[row_name] = {**base, "compiled": compiled, **({"kernel": kernel} if compiled else {})}
             timing[row_name] = (torch.compile(model) if compiled else model, precision)
+    if True in modes:
+        import torch._inductor.config  # heavy (pulls dynamo): only a report that compiles needs it
     patch = torch._inductor.config.patch(INDUCTOR) if True in modes else contextlib.nullcontext()
     try:
         with patch:

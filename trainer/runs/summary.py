@@ -66,9 +66,9 @@ def final_weights(model: torch.nn.Module, kind: str) -> dict:
         return full_to_model_order(model, full)
     own = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     if kind == "pp" and dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, own)
-        own = {k: v for part in parts for k, v in part.items()}
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(own, parts, dst=0)
+        own = {k: v for part in parts for k, v in part.items()} if parts is not None else {}
     return own
 
 

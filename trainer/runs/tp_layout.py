@@ -34,12 +34,13 @@ def packed_order(parts: list[int], n: int) -> torch.Tensor:
 
 
 def _world_mesh(device_type: str):
+    """A 1-D mesh of every rank (the canonical layout's), made once per process group."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    key = (device_type, dist.get_world_size())
-    if _MESHES.get("world", (None,))[0] != key:
-        _MESHES["world"] = (key, init_device_mesh(device_type, (dist.get_world_size(),)))
-    return _MESHES["world"][1]
+    key = (dist.group.WORLD, device_type)  # a multirun's next job has a new default group
+    if _MESHES.get("key") != key:
+        _MESHES.update(key=key, mesh=init_device_mesh(device_type, (dist.get_world_size(),)))
+    return _MESHES["mesh"]
 
 
 _MESHES: dict = {}
