@@ -155,9 +155,11 @@ def compare_variants(variants: dict[str, tuple], objective: Objective, val_block
             kernel = info.get("compiled_kernel", f"torch.compile (inductor) of: {info['kernel']}")
             rows[row_name] = {**base, "compiled": compiled, **({"kernel": kernel} if compiled else {})}
             timing[row_name] = (torch.compile(model) if compiled else model, precision)
+    patch = contextlib.nullcontext()
     if True in modes:
-        import torch._inductor.config  # heavy (pulls dynamo): only a report that compiles needs it
-    patch = torch._inductor.config.patch(INDUCTOR) if True in modes else contextlib.nullcontext()
+        from torch._inductor import config as inductor_config  # heavy (pulls dynamo): only when compiling
+
+        patch = inductor_config.patch(INDUCTOR)
     try:
         with patch:
             latency = measure_latency(timing, objective, timed, device)
