@@ -70,6 +70,7 @@ def _probe(device: torch.device, dtype: torch.dtype, max_n: int, budget_s: float
 
 
 _PROBED: dict[str, float] = {}  # keys probed in this process
+PROBES = 5  # probes recorded per machine key before the cached best is taken without a new one
 
 
 def peak_flops(device: torch.device, precision: str, cache_dir: str | None = None) -> float:
@@ -78,8 +79,9 @@ def peak_flops(device: torch.device, precision: str, cache_dir: str | None = Non
     The best figure ever measured per machine, device, instruction set (ATen's CPU capability,
     which ATEN_CPU_CAPABILITY can lower), thread count and torch version is kept
     in `<cache_dir>/peak_flops.json` (default `$TRAINER_CACHE`, else ~/.cache/trainer: a run passes
-    its `data.cache_dir`); each process probes once more (about a second) and
-    keeps the max, so one probe taken while the machine was busy does not stick.
+    its `data.cache_dir`); each process probes once more (about half a second) and keeps the max
+    until `PROBES` probes are recorded, so one probe taken while the machine was busy does not
+    stick, and later processes start without the probe.
     """
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"cpu{torch.get_num_threads()}t-{torch.backends.cpu.get_cpu_capability()}")
@@ -95,15 +97,22 @@ def peak_flops(device: torch.device, precision: str, cache_dir: str | None = Non
                 cache = json.load(f)
         except (OSError, ValueError):
             cache = {}
+    entry = cache.get(key)  # {"flops": best, "probes": n}; a bare number in older caches
+    best, probes = ((float(entry), 1) if isinstance(entry, (int, float)) else
+                    (float(entry.get("flops", 0.0)), int(entry.get("probes", 0))) if isinstance(entry, dict) else (0.0, 0))
+    if probes >= PROBES and best > 0:
+        _PROBED[key] = best
+        return best
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     measured = _probe(device, dtype, max_n=8192 if device.type == "cuda" else 2048)
-    _PROBED[key] = cache[key] = max(measured, cache.get(key, 0.0))
+    _PROBED[key] = best = max(measured, best)
+    cache[key] = {"flops": best, "probes": probes + 1}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + f".tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(cache, f, indent=1)
     os.replace(tmp, path)
-    return cache[key]
+    return best
 
 
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s, by a fragment of

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import glob
 import os
 import shutil
 import sysconfig
@@ -26,11 +25,16 @@ READ_DOCS = 16  # documents read (and tokenized) at a time: memory is bounded by
 
 @functools.lru_cache(maxsize=4)
 def _stdlib_all() -> tuple[str, ...]:
+    """Every `.py` file under the stdlib root, sorted; directories named test, tests, idlelib or
+    site-packages are not entered, nor hidden ones (what `glob("**/*.py")` would list minus those,
+    in a fraction of its time: the skipped trees are never walked)."""
     root = sysconfig.get_paths()["stdlib"]
-    skip = (os.sep + "site-packages" + os.sep, os.sep + "test" + os.sep, os.sep + "tests" + os.sep,
-            os.sep + "idlelib" + os.sep)
-    return tuple(sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-                        if not any(s in f[len(root):] for s in skip)))
+    skip = {"site-packages", "test", "tests", "idlelib"}
+    found = []
+    for here, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+        found += [os.path.join(here, f) for f in files if f.endswith(".py") and not f.startswith(".")]
+    return tuple(sorted(found))
 
 
 def stdlib_files(max_files: int | None = None) -> list[str]:
