@@ -78,7 +78,12 @@ def _build_and_train(cfg: DictConfig, run_dir: str, d: Dist, received: list[int]
     while a DDP model still holds it can hang gloo's destructor at exit."""
     t_start = time.perf_counter()
     r = build(cfg, run_dir, d, received)
-    return train(r, t_start)
+    summary = train(r, t_start)
+    if d.world_size > 1:
+        # Every rank is done (rank 0 wrote the final files): no rank tears the group down while
+        # another may still be sending to it (gloo aborts a process whose peer vanished mid-send).
+        torch.distributed.barrier()
+    return summary
 
 
 def _with_pretrained(cfg: DictConfig, run_dir: str, d: Dist) -> DictConfig:
