@@ -96,7 +96,7 @@ def test_sigterm_saves_and_the_run_finishes_on_resume(tmp_path):
     finish = run_cli(*tiny_cli_args(run_dir, f"trainer.max_steps={stopped_at + 4}"))
     assert finish.returncode == 0, finish.stderr
     assert f"resuming from {ckpts[0]} at step {stopped_at}" in finish.stderr
-    payload = torch.load(run_dir / "checkpoints" / f"step_{stopped_at + 4:08d}.pt", weights_only=False)
+    payload = torch.load(run_dir / "checkpoints" / f"step_{stopped_at + 4:08d}.pt", weights_only=True)
     assert payload["step"] == stopped_at + 4
 
 

@@ -108,7 +108,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
     assert len(ckpts) == 1 and ckpts[0].suffix == ".pt"
     stopped_at = int(ckpts[0].stem.split("_")[1])
     assert stopped_at > 0
-    assert torch.load(ckpts[0], weights_only=False)["step"] == stopped_at
+    assert torch.load(ckpts[0], weights_only=True)["step"] == stopped_at
 
 
 # ---------------------------------------------------------------- trainer.resume=<file> | never
@@ -180,7 +180,7 @@ def test_constant_schedule_accuracy_and_step_time(make_cfg, tmp_path):
     correct = targets = 0
     loss = 0.0
     for index in (2, 3):  # 0-based step index: starts from the checkpoint of 1-based step `index`
-        payload = torch.load(tmp_path / "checkpoints" / f"step_{index:08d}.pt", weights_only=False)
+        payload = torch.load(tmp_path / "checkpoints" / f"step_{index:08d}.pt", weights_only=True)
         model.load_state_dict(payload["model"])
         batch = objective.prepare(stream.batch(index), torch.Generator())
         with torch.no_grad():

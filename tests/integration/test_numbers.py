@@ -252,8 +252,8 @@ def test_non_finite_loss_cli_keeps_the_last_good_step(tmp_path):
 
     ok = run_cli(*tiny_cli_args(ref_dir, *NONFINITE, f"trainer.steps_per_run={good}"))
     assert ok.returncode == 0, ok.stderr
-    kept = torch.load(bad_dir / "checkpoints" / f"step_{good:08d}.pt", weights_only=False)
-    ref = torch.load(ref_dir / "checkpoints" / f"step_{good:08d}.pt", weights_only=False)
+    kept = torch.load(bad_dir / "checkpoints" / f"step_{good:08d}.pt", weights_only=True)
+    ref = torch.load(ref_dir / "checkpoints" / f"step_{good:08d}.pt", weights_only=True)
     assert kept["step"] == ref["step"] == good
     assert kept["model"].keys() == ref["model"].keys()
     for k, v in kept["model"].items():
@@ -296,7 +296,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss) as err:
         run(compose_cfg(*NONFINITE), run_dir=str(tmp_path))
     bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
-    kept = torch.load(tmp_path / "checkpoints" / f"step_{bad_step - 1:08d}.pt", weights_only=False)
+    kept = torch.load(tmp_path / "checkpoints" / f"step_{bad_step - 1:08d}.pt", weights_only=True)
     for k, v in live["model"].state_dict().items():
         assert torch.equal(v, kept["model"][k]), k
     steps = {float(s["step"]) for s in live["optimizer"].state_dict()["state"].values()}

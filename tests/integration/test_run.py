@@ -123,7 +123,7 @@ def test_fp16_uses_grad_scaler(make_cfg, tmp_path):
     scalars = read_scalars(str(tmp_path))
     assert "train/loss_scale" in scalars and "train/skipped_steps" in scalars
     assert summary["components"]["precision"] == "fp16"
-    payload = torch.load(tmp_path / "checkpoints" / "step_00000006.pt", weights_only=False)
+    payload = torch.load(tmp_path / "checkpoints" / "step_00000006.pt", weights_only=True)
     assert payload["scaler"]["scale"] > 0  # the scaler's state travels with the checkpoint
 
 

@@ -241,7 +241,7 @@ def test_checkpoint_is_written_to_a_temporary_name_then_renamed(make_cfg, tmp_pa
     assert os.path.dirname(tmp) == directory  # same filesystem: the rename is atomic
     assert os.path.basename(tmp) != "step_00000003.pt" and not final_existed
     assert not os.path.exists(tmp) and os.listdir(directory) == ["step_00000003.pt"]
-    assert torch.load(final, weights_only=False)["step"] == 3
+    assert torch.load(final, weights_only=True)["step"] == 3
 
 
 def test_interrupted_write_leaves_no_complete_looking_file(make_cfg, tmp_path, monkeypatch):
@@ -281,4 +281,4 @@ def test_leftover_tmp_files_are_never_listed_or_loaded(make_cfg, tmp_path):
         ckpt.save_checkpoint(str(directory), step, **{**objects, "keep": 2})
     assert sorted(p.name for p in directory.glob("step_*.pt")) == ["step_00000006.pt", "step_00000009.pt"]
     assert (directory / "step_00000012.pt.tmp").read_bytes() == b"garbage"
-    assert torch.load(directory / "step_00000009.pt", weights_only=False)["step"] == 9
+    assert torch.load(directory / "step_00000009.pt", weights_only=True)["step"] == 9
