@@ -10,18 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.build import build_model
 from trainer.data import VOCAB_SIZE
 from trainer.quantize import apply_ptq, load_quantized, tensor_bytes
 from trainer.quantize.formats import format_formats_table, tensor_formats
 
-
-def _model(make_cfg, *overrides: str) -> tuple[nn.Module, object]:
-    cfg = make_cfg("model.d_model=64", "model.d_ff=128", *overrides)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.attention, cfg.position, cfg.norm, vocab_size=VOCAB_SIZE,
-                        max_len=cfg.data.seq_len)
-    return model.eval(), cfg
+from test_quantize import _model  # the same small model, seeded
 
 
 def _is_quantized(t: torch.Tensor) -> bool:
