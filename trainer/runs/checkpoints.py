@@ -31,7 +31,7 @@ from trainer.errors import ConfigError
 from trainer.distributed import Dist, unwrap
 from trainer.runs.checkpoint_files import EXTRA, is_complete, is_sharded, list_checkpoints, rotate  # noqa: F401
 from trainer.runs.dcp import dcp_metadata, full_model_state, safe_reader, save_sharded, wait_for_checkpoints  # noqa: F401
-from trainer.runs.tp_layout import canonical_buffers, from_canonical, full_to_tp_order
+from trainer.runs.tp_layout import canonical_buffers, from_canonical, full_to_tp_order, tp_rows
 
 FORMAT = 1
 
@@ -273,8 +273,7 @@ def _load_tensors(payload: dict, model: nn.Module, optimizer: torch.optim.Optimi
         optim["param_groups"] = [{**g, **{k: now[k] for k in _IMPL if k in now}}
                                  for g, now in zip(optim["param_groups"], optimizer.param_groups)]
         full = full_to_tp_order(model, _own(payload["model"], names))
-        optim["state"] = {k: {n: (full_to_tp_order(model, {k: t})[k] if t.dim() else t) for n, t in v.items()}
-                          for k, v in optim["state"].items()}
+        optim["state"] = {k: {n: tp_rows(model, k, t) for n, t in v.items()} for k, v in optim["state"].items()}
         set_state_dict(model, optimizer, model_state_dict=full, optim_state_dict=optim,
                        options=StateDictOptions(full_state_dict=True))
     else:

@@ -32,6 +32,19 @@ def packed_order(parts: list[int], n: int) -> torch.Tensor:
     return torch.cat(pieces)
 
 
+def _to_model_rows(full: torch.Tensor, parts: list[int], n: int) -> torch.Tensor:
+    """A whole packed tensor in the TP row order -> the model's row order (inverse of `packed_order`)."""
+    out = torch.empty_like(full)
+    out[packed_order(parts, n)] = full
+    return out
+
+
+def tp_rows(model: nn.Module, fqn: str, t: torch.Tensor) -> torch.Tensor:
+    """Whole tensor `fqn` of the model (a weight or its optimizer moment) in the TP row order:
+    reordered when `fqn` is packed and `t` has rows, else `t` itself."""
+    found = getattr(model, PACKED_ATTR, {}).get(fqn)
+    return t[packed_order(*found)] if found is not None and t.dim() > 0 else t
+
 
 def _world_mesh(device_type: str):
     """A 1-D mesh of every rank (the canonical layout's), made once per process group."""
@@ -53,13 +66,11 @@ def _convert(t, parts: list[int], n: int, like=None):
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     full = t.full_tensor()
-    perm = packed_order(parts, n)
     if like is None:
-        canon = torch.empty_like(full)
-        canon[perm] = full
+        canon = _to_model_rows(full, parts, n)
         return distribute_tensor(canon, _world_mesh(full.device.type), [Shard(0)], src_data_rank=None)
     mesh = like.device_mesh
-    rep = DTensor.from_local(full[perm], mesh, [Replicate()] * mesh.ndim, run_check=False)
+    rep = DTensor.from_local(full[packed_order(parts, n)], mesh, [Replicate()] * mesh.ndim, run_check=False)
     return rep.redistribute(mesh, like.placements)
 
 
@@ -109,11 +120,7 @@ def from_canonical(model: nn.Module, model_sd: dict, optim_state: dict, live: di
 def full_to_tp_order(model: nn.Module, full_sd: dict) -> dict:
     """A full state_dict in the model's row order (a `.pt` checkpoint) -> the TP row order, so
     `set_state_dict(..., full_state_dict=True)` can hand each rank its chunk."""
-    out = dict(full_sd)
-    for fqn, (parts, n) in getattr(model, PACKED_ATTR, {}).items():
-        if fqn in out:
-            out[fqn] = out[fqn][packed_order(parts, n)]
-    return out
+    return {k: tp_rows(model, k, v) for k, v in full_sd.items()}
 
 
 def full_to_model_order(model: nn.Module, full_sd: dict) -> dict:
@@ -121,7 +128,5 @@ def full_to_model_order(model: nn.Module, full_sd: dict) -> dict:
     out = dict(full_sd)
     for fqn, (parts, n) in getattr(model, PACKED_ATTR, {}).items():
         if fqn in out:
-            canon = torch.empty_like(out[fqn])
-            canon[packed_order(parts, n)] = out[fqn]
-            out[fqn] = canon
+            out[fqn] = _to_model_rows(out[fqn], parts, n)
     return out

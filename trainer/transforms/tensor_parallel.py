@@ -28,6 +28,7 @@ import torch.nn as nn
 from models.blocks import FeedForward, MultiHeadAttention
 from trainer.runs.tp_layout import PACKED_ATTR, packed_order
 
+
 def _reorder_rows_(linear: nn.Linear, perm: torch.Tensor) -> None:
     with torch.no_grad():
         linear.weight.copy_(linear.weight[perm])
